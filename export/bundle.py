@@ -1,0 +1,140 @@
+"""`spec-export export`: check a pair, build both graphs, validate them, write one bundle atomically."""
+from __future__ import annotations
+
+import dataclasses
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..runtime.errors import ExportError, InvalidArgument
+from ..runtime.manifest import MANIFEST, Manifest, ModelSpec, TokenizerSpec, sha256
+from . import parity
+from .check import check_pair, require_compatible, tokenizer_fingerprint
+from .graphs import PRECISIONS, build_graph
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    target: Path
+    draft: Path
+    out: Path
+    target_precision: str | None = None   # default: fp32 on cpu, fp16 on cuda
+    draft_precision: str = "int4"
+    device: str = "cpu"
+    max_length: int = 2048
+    force: bool = False
+    k: int = 4                            # default draft length recorded in the manifest
+
+
+def export_bundle(o: ExportOptions, progress=None) -> Manifest:
+    """Write the bundle to o.out, or raise leaving o.out exactly as it was. `progress(step, total, text)` reports."""
+    say = progress or (lambda i, n, text: None)
+    tp = o.target_precision or ("fp16" if o.device == "cuda" else "fp32")
+    for name, p in (("target", tp), ("draft", o.draft_precision)):
+        if p not in PRECISIONS:
+            raise InvalidArgument(f"--{name}-precision {p!r} is not one of {', '.join(PRECISIONS)}"
+                                  + (" (FP8 needs TensorRT; use int4 here)" if p == "fp8" else ""))
+    if o.device not in ("cpu", "cuda"):
+        raise InvalidArgument(f"--device {o.device!r} must be cpu or cuda")
+    out = Path(o.out)
+    if out.exists() and not o.force:
+        raise InvalidArgument(f"{out} already exists: pass --force to replace it (the old bundle is kept until the "
+                              f"new one is complete)")
+    say(0, 6, "checking compatibility")
+    verdict = check_pair(Path(o.target), Path(o.draft))
+    require_compatible(verdict)
+    for info in (verdict.target, verdict.draft):
+        limit = _max_positions(Path(info.path))
+        if limit and o.max_length > limit:
+            raise InvalidArgument(f"--max-length {o.max_length} exceeds {info.path}'s max_position_embeddings "
+                                  f"({limit}); use --max-length {limit} or less")
+    if o.max_length < 16:
+        raise InvalidArgument(f"--max-length {o.max_length} is too small; use at least 16")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        manifest = _build(o, tp, verdict, tmp, say)
+        _replace(tmp, out)
+        return manifest
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _build(o: ExportOptions, tp: str, verdict, tmp: Path, say) -> Manifest:
+    from tokenizers import Tokenizer
+
+    fp = tokenizer_fingerprint(Path(o.target))
+    for f in fp["files"]:
+        shutil.copy(Path(o.target) / f, tmp / f)
+    tok = Tokenizer.from_file(str(tmp / "tokenizer.json"))
+    prompts = [tok.encode(p).ids[: o.max_length] for p in parity.PROMPTS]
+    log = tmp / "export.log"
+    specs, records, timings = {}, {}, {}
+    for step, (role, src, precision, info) in enumerate(
+            [("target", o.target, tp, verdict.target), ("draft", o.draft, o.draft_precision, verdict.draft)]):
+        t0 = time.perf_counter()
+        say(1 + 2 * step, 6, f"building the {role} graph ({precision}, {o.device})")
+        facts = build_graph(Path(src), tmp / role, precision, o.device, log)
+        spec = ModelSpec(role=role, architecture=info.architecture, model_type=info.model_type,
+                         parameters=info.parameters, precision=precision, provider=o.device,
+                         graph=f"{role}/model.onnx", max_length=o.max_length, rewindable=info.rewindable, **facts)
+        say(2 + 2 * step, 6, f"validating the {role} graph against PyTorch")
+        rec = parity.check_graph(spec, tmp, prompts, parity.hf_logits(Path(src), prompts))
+        if role == "target":
+            ok, why = parity.passes(rec, precision)
+            if not ok:
+                raise ExportError(f"the target graph failed validation: {why}. Nothing was written to {o.out}; "
+                                  f"try --target-precision fp32, and see {log.name} in the error's context")
+        rec["reference"] = "PyTorch fp32 checkpoint" + (" (the unquantized draft)" if role == "draft" else "")
+        specs[role], records[role], timings[role] = spec, rec, round(time.perf_counter() - t0, 2)
+    say(5, 6, "writing the manifest")
+    files = {str(p.relative_to(tmp)): sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+    manifest = Manifest(
+        target=specs["target"], draft=specs["draft"],
+        tokenizer=TokenizerSpec(files=tuple(fp["files"]), vocab_size=fp["vocab_size"],
+                                vocab_sha256=fp["vocab_sha256"], bos_token_id=fp["bos_token_id"],
+                                eos_token_ids=tuple(fp["eos_token_ids"]), pad_token_id=fp["pad_token_id"],
+                                add_bos=fp["add_bos"]),
+        files=files, compatibility=verdict.to_dict(), parity=records,
+        tools=_tool_versions() | {"export_seconds": timings}, defaults={"k": o.k})
+    (tmp / MANIFEST).write_text(manifest.to_json())
+    return manifest
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Swap the finished bundle in with renames, so no reader ever sees half a bundle."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{int(time.time())}")
+        out.rename(old)
+    tmp.rename(out)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _max_positions(model_dir: Path) -> int | None:
+    import json
+
+    c = json.loads((model_dir / "config.json").read_text())
+    return c.get("max_position_embeddings") or c.get("n_positions")
+
+
+def _tool_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    v = {"python": platform.python_version()}
+    for pkg in ("specedge", "onnxruntime", "onnxruntime-genai", "onnx", "torch", "transformers", "tokenizers"):
+        try:
+            v[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return v
+
+
+def as_dict(o: ExportOptions) -> dict:
+    return {k: str(v) for k, v in dataclasses.asdict(o).items()}

@@ -1,0 +1,103 @@
+"""Turn one Hugging Face checkpoint into one ONNX decoder graph plus the facts the runtime needs (a ModelSpec).
+
+Preferred: onnxruntime-genai's model builder (GroupQueryAttention with in-place KV, MatMulNBits for int4/int8).
+Fallback for architectures it lacks (GPT-2): torch.onnx.export(dynamo=True) with a flat concat-KV interface.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+
+from ..runtime.errors import ExportError
+
+# Architectures the builder handles with plain full attention (checked against onnxruntime-genai 0.18).
+BUILDER_ARCHS = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                 "Phi3ForCausalLM", "GemmaForCausalLM", "GraniteForCausalLM", "OlmoForCausalLM",
+                 "SmolLM3ForCausalLM", "NemotronForCausalLM", "PhiForCausalLM"}
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+
+
+def build_graph(model_dir: Path, out_dir: Path, precision: str, device: str, log: Path) -> dict:
+    """Export model_dir into out_dir/model.onnx; return the graph facts for the manifest (without role/params)."""
+    config = json.loads((model_dir / "config.json").read_text())
+    arch = config["architectures"][0]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if arch in BUILDER_ARCHS:
+        return _builder(model_dir, out_dir, precision, device, log)
+    return _fallback(model_dir, out_dir, precision, device, arch)
+
+
+def _builder(model_dir: Path, out_dir: Path, precision: str, device: str, log: Path) -> dict:
+    cache = out_dir.parent / f".cache-{out_dir.name}"
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir), "-o", str(out_dir),
+           "-p", precision, "-e", device, "-c", str(cache)]
+    # The builder prints a lot and its --help crashes; run it apart and keep its log for the error message.
+    with open(log, "a") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    shutil.rmtree(cache, ignore_errors=True)
+    if r.returncode != 0:
+        tail = "".join(open(log).readlines()[-15:])
+        raise ExportError(f"onnxruntime-genai's model builder failed on {model_dir} (exit {r.returncode}); "
+                          f"last lines of {log.name}:\n{tail}")
+    for extra in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                  "chat_template.jinja", "added_tokens.json"):
+        (out_dir / extra).unlink(missing_ok=True)  # the bundle keeps one copy of the tokenizer, at its root
+    genai = json.loads((out_dir / "genai_config.json").read_text())["model"]["decoder"]
+    facts = _graph_io(out_dir / "model.onnx")
+    return dict(facts, kv_layout="inplace", builder="onnxruntime-genai model builder",
+                past_key="past_key_values.{i}.key", past_value="past_key_values.{i}.value",
+                present_key="present.{i}.key", present_value="present.{i}.value",
+                num_layers=genai["num_hidden_layers"], num_kv_heads=genai["num_key_value_heads"],
+                head_dim=genai["head_size"])
+
+
+def _fallback(model_dir: Path, out_dir: Path, precision: str, device: str, arch: str) -> dict:
+    from .torch_export import export_concat
+
+    if precision == "fp16":
+        raise ExportError(f"{arch} is exported through torch.onnx (the model builder does not support it), "
+                          f"which produces fp32 graphs here: use --*-precision fp32, int8 or int4")
+    path = out_dir / "model.onnx"
+    iface = export_concat(model_dir, path)
+    if precision in ("int4", "int8"):
+        quantize_matmul_nbits(path, bits=4 if precision == "int4" else 8)
+    facts = _graph_io(path)
+    return dict(facts, kv_layout="concat", builder="torch.onnx.export(dynamo=True)",
+                past_key=iface["past_key"], past_value=iface["past_value"], present_key=iface["present_key"],
+                present_value=iface["present_value"], num_layers=iface["num_layers"],
+                num_kv_heads=iface["num_kv_heads"], head_dim=iface["head_dim"])
+
+
+def quantize_matmul_nbits(path: Path, bits: int) -> None:
+    """Weight-only block quantization (MatMulNBits): step-consistent, unlike quantize_dynamic's per-tensor
+    activation scales, which make a multi-token step disagree with one-by-one decoding."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    model = onnx.load(str(path))
+    q = MatMulNBitsQuantizer(model, bits=bits, block_size=32, is_symmetric=True)
+    q.process()
+    for f in path.parent.glob(path.name + "*"):
+        f.unlink()
+    onnx.save(q.model.model, str(path), save_as_external_data=True, location=path.name + ".data")
+
+
+_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16"}
+
+
+def _graph_io(path: Path) -> dict:
+    m = onnx.load(str(path), load_external_data=False)
+    g = m.graph
+    inputs = tuple(i.name for i in g.input)
+    outputs = tuple(o.name for o in g.output)
+    logits = next(o for o in g.output if o.name == "logits")
+    vocab = logits.type.tensor_type.shape.dim[-1].dim_value
+    kv = next(i for i in g.input if i.name.startswith("past_key_values"))
+    return dict(inputs=inputs, outputs=outputs, vocab_size=vocab, kv_dtype=_DTYPES[kv.type.tensor_type.elem_type])

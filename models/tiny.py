@@ -1,0 +1,94 @@
+"""Tiny random-weight Hugging Face checkpoints and a real BPE tokenizer, built offline.
+
+Random weights prove exactness (greedy equality, rollback, distributions), never acceptance
+or speed: those need the trained demo pair. Needs the `export` extra (torch, transformers).
+"""
+from __future__ import annotations
+
+import sysconfig
+from pathlib import Path
+
+ARCHS = ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma", "gpt2")
+
+
+def stdlib_files(limit: int | None = None) -> list[Path]:
+    """CPython standard-library sources: a real code corpus every machine has offline."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.glob("*.py"))
+    return files[:limit] if limit else files
+
+
+def train_tokenizer(out: Path, vocab_size: int = 512, files: list[Path] | None = None) -> Path:
+    """Byte-level BPE trained on real code; saved as HF tokenizer files (tokenizer.json + config)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|bos|>", "<|pad|>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    files = files or stdlib_files(limit=40)
+    tok.train([str(f) for f in files], trainer)
+    bos = tok.token_to_id("<|bos|>")
+    # The BOS token is prepended by the tokenizer itself, as Llama-family tokenizers do.
+    tok.post_processor = processors.TemplateProcessing(single="<|bos|> $A", special_tokens=[("<|bos|>", bos)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|endoftext|>",
+                                   pad_token="<|pad|>", unk_token=None)
+    out.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(out)
+    return out
+
+
+def tiny_config(arch: str, vocab_size: int, *, layers: int = 2, hidden: int = 64, heads: int = 4,
+                kv_heads: int = 2, inter: int = 128, max_pos: int = 256, bos: int = 1, eos: int = 0, pad: int = 2,
+                **overrides):
+    """A transformers config for `arch` with tiny shapes; ids match `train_tokenizer`'s specials."""
+    import transformers as tf
+
+    common = dict(vocab_size=vocab_size, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad,
+                  tie_word_embeddings=False)
+    if arch == "gpt2":
+        cfg = tf.GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_positions=max_pos, n_inner=inter,
+                            **common)
+    else:
+        cls = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config, "qwen3": tf.Qwen3Config,
+               "mistral": tf.MistralConfig, "phi3": tf.Phi3Config, "gemma": tf.GemmaConfig}[arch]
+        kw = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                  num_key_value_heads=kv_heads, intermediate_size=inter, max_position_embeddings=max_pos,
+                  head_dim=hidden // heads, **common)
+        if arch == "mistral":
+            kw["sliding_window"] = None  # a sliding window cannot be rewound; see tests for the refusal
+        if arch == "phi3":
+            kw["original_max_position_embeddings"] = max_pos
+            kw["pad_token_id"] = pad
+        cfg = cls(**kw)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def build_tiny(out: Path, arch: str, tokenizer_dir: Path, *, seed: int = 0, **shape) -> Path:
+    """Save a random-initialised causal LM of `arch` plus the tokenizer files into `out`."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tokenizers import Tokenizer
+
+    vocab_size = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).get_vocab_size()
+    cfg = tiny_config(arch, vocab_size=shape.pop("vocab_size", vocab_size), **shape)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():  # larger logits than the default init: sharper, less tie-prone distributions
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.2)
+    model.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, out / f.name)
+    return out

@@ -1,0 +1,280 @@
+"""The product's promise: greedy output equals the target's own, sampling follows the target's distribution,
+rollback leaves the cache as a fresh run would, and bad input gets a clear error."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from specedge.runtime import Engine, GenerationConfig
+from specedge.runtime import reference
+from specedge.runtime.errors import BundleError, InvalidArgument
+from specedge.runtime.model import KVModel, make_session
+
+PROMPTS = ["d", "def add(a, b):\n    return", "import os\nimport sys\n\nclass Path:\n    def __init__(self, p):\n"]
+ARCHS = ["llama", "qwen2", "qwen3", "mistral", "phi3", "gemma", "gpt2"]
+
+
+def target_model(engine: Engine) -> KVModel:
+    """A second, independent instance of the target graph: the oracle's own cache."""
+    m = engine.manifest
+    return KVModel(m.target, make_session(str(engine.bundle / m.target.graph)))
+
+
+@pytest.fixture(scope="module")
+def llama(bundles):
+    return Engine(bundles("llama"))
+
+
+class SelfDrafter:
+    """The target drafting for itself (always right, alpha = 1) or proposing its second choice (always wrong)."""
+
+    def __init__(self, model: KVModel, rank: int):
+        self.model, self.rank, self.base = model, rank, 0
+
+    def propose(self, tokens, k):
+        m = self.model
+        keep = m.reuse(tokens)
+        self.base = len(tokens)
+        logits = m.forward(tokens[keep:])[-1]
+        draft = np.empty(k, np.int64)
+        for i in range(k):
+            draft[i] = np.argsort(logits)[-1 - self.rank]
+            logits = m.forward(draft[i : i + 1])[0]
+        return draft, None
+
+    def accepted(self, n):
+        self.model.pos = min(self.model.pos, self.base + n)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_equals_target_greedy(bundles, checkpoints, arch):
+    engine = Engine(bundles(arch))
+    oracle = target_model(engine)
+    hf = _hf_model(checkpoints(arch)[0])
+    for prompt in PROMPTS:
+        ids = engine.encode(prompt)
+        ref = reference.greedy(oracle, ids, 24, engine.eos)
+        assert _hf_greedy(hf, ids, 24, engine.eos) == ref, "reference disagrees with transformers generate"
+        plain = engine.generate(prompt, max_new_tokens=24, speculative=False)
+        assert plain.token_ids == ref
+        for k in (1, 2, 4, 8):
+            r = engine.generate(prompt, max_new_tokens=24, k=k)
+            assert r.token_ids == ref, (arch, prompt, k)
+            assert r.stats.drafted > 0 and r.stats.rounds <= len(ref) + 1  # + the round that met EOS
+
+
+@pytest.mark.parametrize("rank,alpha", [(0, 1.0), (1, 0.0)])
+def test_always_right_and_always_wrong_drafts(llama, rank, alpha):
+    oracle = target_model(llama)
+    llama.make_drafter = lambda c, rng: SelfDrafter(target_model(llama), rank)
+    try:
+        for prompt in PROMPTS:
+            ids = llama.encode(prompt)
+            ref = reference.greedy(oracle, ids, 30, llama.eos)
+            for k in (1, 4, 8):
+                r = llama.generate(prompt, max_new_tokens=30, k=k)
+                assert r.token_ids == ref
+                assert r.stats.alpha == alpha
+                if alpha == 1.0 and r.finish_reason == "length":
+                    assert r.stats.mean_accepted_length > k * 0.7  # up to k + 1 tokens per target pass
+    finally:
+        del llama.make_drafter
+
+
+def test_rollback_leaves_cache_as_fresh_run(llama):
+    for k in (1, 3, 8):
+        r = llama.generate(PROMPTS[2], max_new_tokens=40, k=k)
+        t = llama.target
+        assert r.stats.rounds > 1 and r.stats.accept_hist[0] > 0  # rejections happened, so rewinds did
+        fresh = target_model(llama)
+        fresh.forward(t.seen[: t.pos])
+        for layer in range(t.spec.num_layers):
+            for a, b in zip(t.kv(layer), fresh.kv(layer)):
+                np.testing.assert_allclose(a, b, atol=1e-5)
+        d = llama.draft
+        fresh_d = KVModel(d.spec, make_session(str(llama.bundle / d.spec.graph)))
+        fresh_d.forward(d.seen[: d.pos])
+        for a, b in zip(d.kv(0), fresh_d.kv(0)):
+            np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_sampling_follows_target_distribution(llama):
+    """Chi-square of 2-token generations against the exact target-only distribution (top-k keeps it enumerable),
+    with the bundle's draft (mostly rejections: the residual path) and with the target as its own draft (p == q:
+    every draft accepted, the bonus path)."""
+    from scipy.stats import chisquare
+
+    ids = llama.encode("x = ")
+    cfg = dict(max_new_tokens=2, temperature=1.5, top_k=3)
+    support = _support(target_model(llama), ids, cfg, llama.eos)
+    n = 1500
+    for self_draft in (False, True):
+        if self_draft:
+            llama.make_drafter = lambda c, rng: _sampling_self_drafter(llama, c, rng)
+        try:
+            seqs = [tuple(llama.generate(ids, GenerationConfig(seed=seed, k=2, **cfg)).token_ids) for seed in range(n)]
+        finally:
+            llama.__dict__.pop("make_drafter", None)
+        assert set(seqs) <= set(support), "generated a sequence the target cannot produce"
+        observed = np.array([seqs.count(s) for s in support], float)
+        expected = np.array(list(support.values())) * n
+        assert chisquare(observed, expected).pvalue > 1e-3, (observed, expected)
+
+
+def _support(oracle, ids, cfg, eos) -> dict[tuple, float]:
+    """Every response target-only sampling can give, with its probability (a response ends early at EOS)."""
+    from specedge.runtime.sampling import distribution
+
+    def dist(tokens):
+        return distribution(reference.next_logits(oracle, tokens), cfg["temperature"], cfg["top_k"])
+
+    out: dict[tuple, float] = {}
+    p1 = dist(ids)
+    for a in map(int, np.nonzero(p1)[0]):
+        if a in eos:
+            out[()] = out.get((), 0.0) + p1[a]
+            continue
+        p2 = dist(ids + [a])
+        for b in map(int, np.nonzero(p2)[0]):
+            key = (a,) if b in eos else (a, b)
+            out[key] = out.get(key, 0.0) + p1[a] * p2[b]
+    return out
+
+
+def _sampling_self_drafter(engine, c, rng):
+    from specedge.runtime.drafter import ModelDrafter
+
+    return ModelDrafter(target_model(engine), c.temperature, c.top_k, c.top_p, rng)
+
+
+def test_seeded_sampling_is_reproducible(llama):
+    a = llama.generate(PROMPTS[1], max_new_tokens=20, temperature=0.9, top_p=0.9, seed=7)
+    b = llama.generate(PROMPTS[1], max_new_tokens=20, temperature=0.9, top_p=0.9, seed=7)
+    assert a.token_ids == b.token_ids
+
+
+def test_streaming_tokens_text_callback_and_stats(llama):
+    g = llama.generator(PROMPTS[1], max_new_tokens=25, k=3)
+    tokens = list(g)
+    r = llama.generate(PROMPTS[1], max_new_tokens=25, k=3)
+    assert tokens == r.token_ids and len(tokens) == 25
+    deltas: list[str] = []
+    r2 = llama.generate(PROMPTS[1], max_new_tokens=25, k=3, on_text=deltas.append)
+    assert "".join(deltas) == r2.text == llama.tokenizer.decode(r2.token_ids)
+    s = r.stats
+    assert s.new_tokens == 25 and s.prompt_tokens == len(llama.encode(PROMPTS[1]))
+    assert sum(s.accept_hist) <= s.rounds and s.accepted == sum(i * c for i, c in enumerate(s.accept_hist))
+    assert s.mean_accepted_length == pytest.approx(25 / s.rounds)
+    assert len(s.token_ms) == 25 and s.ttft_ms > 0 and s.tokens_per_s > 0
+    assert s.ort_ms <= s.draft_ms + s.target_ms + s.prefill_ms + 1e-6
+    d = r.to_dict()
+    for key in ("drafted", "accepted", "alpha", "mean_accepted_length", "rounds", "tokens_per_s", "ttft_ms"):
+        assert key in d["stats"]
+
+
+def test_stop_strings_and_eos(llama):
+    full = llama.generate(PROMPTS[2], max_new_tokens=30)
+    stop = full.text[10:13]
+    assert stop and full.text.find(stop) == 10
+    deltas: list[str] = []
+    r = llama.generate(PROMPTS[2], max_new_tokens=30, stop=(stop,), on_text=deltas.append)
+    assert r.finish_reason == "stop" and r.text == full.text[:10] and "".join(deltas) == r.text
+    assert full.token_ids[: len(r.token_ids)] == r.token_ids
+    # EOS: make the first generated token an end-of-sequence token
+    eos = llama.eos
+    llama.eos = frozenset({full.token_ids[5]})
+    try:
+        r = llama.generate(PROMPTS[2], max_new_tokens=30)
+        assert r.finish_reason == "eos" and r.token_ids == full.token_ids[: full.token_ids.index(full.token_ids[5])]
+    finally:
+        llama.eos = eos
+
+
+def test_context_full_stops_cleanly(llama):
+    ids = llama.encode(PROMPTS[2])
+    room = llama.max_length - len(ids)
+    r = llama.generate(PROMPTS[2], max_new_tokens=room + 50, k=8)
+    assert r.finish_reason == "context_full" and len(r.token_ids) == room
+    assert r.token_ids == reference.greedy(target_model(llama), ids, room, llama.eos)
+
+
+def test_cancel_from_another_thread(llama):
+    g = llama.generator(PROMPTS[0], max_new_tokens=100, k=1)
+    it = iter(g)
+    next(it)
+    threading.Thread(target=g.cancel).start()
+    rest = list(it)
+    assert g.finish_reason == "cancelled" and len(rest) < 99
+
+
+def test_reuse_across_requests_keeps_buffers(llama):
+    buffers = [id(b) for b in llama.target.cache]
+    a = llama.generate(PROMPTS[2], max_new_tokens=20)
+    llama.generate(PROMPTS[1], max_new_tokens=20)
+    g = llama.generator(PROMPTS[2], max_new_tokens=20)
+    b = g.result()
+    g.reset()
+    g.append_tokens(llama.encode(PROMPTS[2]))
+    c = g.result()
+    assert a.token_ids == b.token_ids == c.token_ids
+    assert [id(b) for b in llama.target.cache] == buffers
+
+
+@pytest.mark.parametrize("opts,match", [
+    (dict(prompt=""), "prompt is empty"),
+    (dict(prompt=[]), "prompt is empty"),
+    (dict(prompt="x " * 400), "shorten the prompt"),
+    (dict(prompt="x", k=0), "k must be between"),
+    (dict(prompt="x", k=1000), "k must be between"),
+    (dict(prompt="x", temperature=-1.0), "temperature must be >= 0"),
+    (dict(prompt="x", top_p=0.0), "top_p"),
+    (dict(prompt="x", max_new_tokens=0), "max_new_tokens"),
+])
+def test_bad_requests(llama, opts, match):
+    prompt = opts.pop("prompt")
+    with pytest.raises(InvalidArgument, match=match):
+        llama.generate(prompt, **opts)
+
+
+def test_bundle_missing_or_modified_file(bundles, tmp_path):
+    import shutil
+
+    def copy(name):
+        shutil.copytree(bundles("llama"), tmp_path / name)
+        return tmp_path / name
+
+    b = copy("modified")
+    with open(b / "draft" / "model.onnx.data", "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\x01\x02\x03")
+    with pytest.raises(BundleError, match="draft/model.onnx.data was modified"):
+        Engine(b)
+    b = copy("missing")
+    (b / "target" / "model.onnx").unlink()
+    with pytest.raises(BundleError, match="target/model.onnx is missing"):
+        Engine(b)
+    b = copy("corrupted")
+    (b / "manifest.json").write_text("{not json")
+    with pytest.raises(BundleError, match="corrupted"):
+        Engine(b)
+    with pytest.raises(BundleError, match="not a specedge bundle"):
+        Engine(tmp_path)
+
+
+def _hf_model(path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _hf_greedy(model, ids, n, eos):
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=n, do_sample=False, eos_token_id=sorted(eos) or None,
+                             pad_token_id=0)[0, len(ids):].tolist()
+    return out[: next((i for i, t in enumerate(out) if t in eos), len(out))]

@@ -1,0 +1,108 @@
+"""Property tests of the accept/reject maths on random p (draft) and q (target) vectors."""
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from specedge.runtime.sampling import distribution, sample, verify_greedy, verify_sampled
+
+
+def probs(v: int):
+    return st.lists(st.one_of(st.just(0.0), st.floats(1e-6, 1.0)), min_size=v, max_size=v).filter(lambda x: sum(x) > 1e-3).map(
+        lambda x: np.array(x) / sum(x))
+
+
+class Script:
+    """A generator of uniforms in a fixed order: lets a test drive each branch of verify_sampled."""
+
+    def __init__(self, us):
+        self.us = list(us)
+
+    def random(self):
+        return self.us.pop(0)
+
+
+def exact_output_distribution(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """k = 1, first token: P(out = y), integrating verify_sampled over its uniforms (piecewise constant in u)."""
+    v = len(q)
+    out = np.zeros(v)
+    for x in range(v):
+        if p[x] == 0:
+            continue
+        accept = min(1.0, q[x] / p[x])
+        out[x] += p[x] * accept
+        if accept < 1:
+            residual = np.maximum(q - p, 0)
+            out += p[x] * (1 - accept) * residual / residual.sum()
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(2, 6).flatmap(lambda v: st.tuples(probs(v), probs(v))))
+def test_residual_maths_recovers_target(pq):
+    p, q = pq
+    np.testing.assert_allclose(exact_output_distribution(p, q), q, atol=1e-9)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(2, 6).flatmap(lambda v: st.tuples(probs(v), probs(v), st.integers(0, v - 1))),
+       st.floats(0.0, 0.999999), st.floats(0.0, 0.999999))
+def test_branch_taken_matches_rule(pqx, u, w):
+    """accept iff u < q(x)/p(x); a rejection resamples a token where q > p, at the inverse CDF of the residual."""
+    p, q, x = pqx
+    if p[x] == 0:
+        return
+    draft, P, Q = np.array([x]), p[None], np.stack([q, q])
+    n, nxt = verify_sampled(draft, P, Q, Script([u, w]))
+    if u < q[x] / p[x]:
+        assert n == 1 and nxt == sample(q, Script([w]))                  # bonus token from q
+    else:
+        residual = np.maximum(q - p, 0)
+        assert n == 0 and residual[nxt] > 0 and nxt == sample(residual, Script([w]))
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(2, 4).flatmap(lambda v: st.tuples(probs(v), probs(v))), st.integers(0, 2**32 - 1))
+def test_monte_carlo_output_follows_q(pq, seed):
+    """End to end with a real generator: draft from p, verify, compare the first output token's law with q."""
+    from scipy.stats import chisquare
+
+    p, q = pq
+    rng = np.random.default_rng(seed)
+    n = 4000
+    counts = np.zeros(len(q))
+    for _ in range(n):
+        x = sample(p, rng)
+        _, nxt = verify_sampled(np.array([x]), p[None], np.stack([q, q]), rng)
+        counts[x if _ == 1 else nxt] += 1
+    keep = q > 0
+    assert counts[~keep].sum() == 0
+    if keep.sum() > 1:
+        assert chisquare(counts[keep], q[keep] / q[keep].sum() * n).pvalue > 1e-4
+
+
+@given(st.lists(st.integers(0, 4), min_size=1, max_size=6), st.integers(0, 2**31))
+def test_greedy_accepts_longest_matching_prefix(draft, seed):
+    logits = np.random.default_rng(seed).normal(size=(len(draft) + 1, 5))
+    n, nxt = verify_greedy(np.array(draft), logits)
+    best = logits.argmax(-1)
+    assert list(draft[:n]) == list(best[:n]) and (n == len(draft) or draft[n] != best[n]) and nxt == best[n]
+
+
+@given(st.integers(0, 2**31), st.floats(0.1, 3.0), st.integers(0, 8), st.floats(0.05, 1.0))
+def test_distribution_is_a_restricted_softmax(seed, temperature, top_k, top_p):
+    logits = np.random.default_rng(seed).normal(size=(3, 8)) * 3
+    d = distribution(logits, temperature, top_k, top_p)
+    np.testing.assert_allclose(d.sum(-1), 1.0)
+    assert (d >= 0).all()
+    kept = (d > 0).sum(-1)
+    if top_k:
+        assert (kept <= top_k).all()
+    # the nucleus is the smallest prefix by probability that reaches top_p, under the top-k softmax
+    base = distribution(logits, temperature, top_k)
+    for row, b in zip(d, base):
+        order = np.argsort(-b, kind="stable")
+        need = int(np.searchsorted(np.cumsum(b[order]), top_p - 1e-12) + 1)
+        assert (row > 0).sum() == min(need, (b > 0).sum())
+        assert row.argmax() == b.argmax()
