@@ -52,7 +52,7 @@ def _builder(model_dir: Path, out_dir: Path, precision: str, device: str, log: P
         (out_dir / extra).unlink(missing_ok=True)  # the bundle keeps one copy of the tokenizer, at its root
     genai = json.loads((out_dir / "genai_config.json").read_text())["model"]["decoder"]
     facts = _graph_io(out_dir / "model.onnx")
-    return dict(facts, kv_layout="inplace", builder="onnxruntime-genai model builder",
+    return dict(facts, builder="onnxruntime-genai model builder",
                 past_key="past_key_values.{i}.key", past_value="past_key_values.{i}.value",
                 present_key="present.{i}.key", present_value="present.{i}.value",
                 num_layers=genai["num_hidden_layers"], num_kv_heads=genai["num_key_value_heads"],
@@ -70,7 +70,7 @@ def _fallback(model_dir: Path, out_dir: Path, precision: str, device: str, arch:
     if precision in ("int4", "int8"):
         quantize_matmul_nbits(path, bits=4 if precision == "int4" else 8)
     facts = _graph_io(path)
-    return dict(facts, kv_layout="concat", builder="torch.onnx.export(dynamo=True)",
+    return dict(facts, builder="torch.onnx.export(dynamo=True)",
                 past_key=iface["past_key"], past_value=iface["past_value"], present_key=iface["present_key"],
                 present_value=iface["present_value"], num_layers=iface["num_layers"],
                 num_kv_heads=iface["num_kv_heads"], head_dim=iface["head_dim"])
@@ -100,4 +100,8 @@ def _graph_io(path: Path) -> dict:
     logits = next(o for o in g.output if o.name == "logits")
     vocab = logits.type.tensor_type.shape.dim[-1].dim_value
     kv = next(i for i in g.input if i.name.startswith("past_key_values"))
-    return dict(inputs=inputs, outputs=outputs, vocab_size=vocab, kv_dtype=_DTYPES[kv.type.tensor_type.elem_type])
+    # GroupQueryAttention writes into a shared past/present buffer; anything else (the builder's fp16 CPU graphs,
+    # torch.onnx graphs) returns concat(past, new). The layout is read off the graph, never assumed.
+    inplace = any(n.op_type == "GroupQueryAttention" for n in m.graph.node)
+    return dict(inputs=inputs, outputs=outputs, vocab_size=vocab, kv_dtype=_DTYPES[kv.type.tensor_type.elem_type],
+                kv_layout="inplace" if inplace else "concat")

@@ -30,7 +30,7 @@ class GenerationConfig:
     top_p: float = 1.0                # 1: off
     seed: int | None = None
     stop: tuple[str, ...] = ()        # stop strings, matched on decoded text
-    speculative: bool = True          # False: plain decoding through the same engine
+    speculative: bool | None = None   # False: plain decoding through the same engine; None: the bundle's default
 
 
 @dataclass
@@ -109,6 +109,7 @@ class Engine:
         self.eos = frozenset(m.tokenizer.eos_token_ids)
         self.max_length = min(m.target.max_length, m.draft.max_length)
         self.default_k = int(m.defaults.get("k", 4))
+        self.default_speculative = bool(m.defaults.get("speculative", True))  # `tune` may have found it does not pay
 
     def make_drafter(self, c: GenerationConfig, rng: np.random.Generator) -> Drafter:
         """The bundle's draft model, sampling with the request's settings (the same processing as the target's)."""
@@ -154,6 +155,7 @@ class Generator:
         if not 1 <= self.k <= k_max:
             raise InvalidArgument(f"k must be between 1 and {k_max} draft tokens per round for this bundle "
                                   f"(context {engine.max_length}), got {self.k}")
+        self.speculative = engine.default_speculative if c.speculative is None else c.speculative
         self.rng = np.random.default_rng(c.seed)
         self.drafter = engine.make_drafter(c, self.rng)
         self._cancel = threading.Event()
@@ -232,7 +234,7 @@ class Generator:
             return
         # k shrinks near the end of the context and of the budget: never draft what cannot be kept.
         left = c.max_new_tokens - len(self.response)
-        k = min(self.k, e.max_length - len(self.tokens), left - 1) if c.speculative else 0
+        k = min(self.k, e.max_length - len(self.tokens), left - 1) if self.speculative else 0
         new = self._round(k) if k > 0 else self._plain_step()
         now = time.perf_counter()
         s.token_ms += [1e3 * (now - self.t_last)] + [0.0] * (len(new) - 1)

@@ -164,7 +164,7 @@ def generate(bundle, prompt, prompt_file, max_new_tokens, k, temperature, top_k,
         except UnicodeDecodeError as e:
             raise InvalidArgument(f"{prompt_file} is not valid UTF-8 ({e}); convert it to UTF-8 first") from e
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, k=k, temperature=temperature, top_k=top_k, top_p=top_p,
-                           seed=seed, stop=tuple(stop), speculative=not no_speculation)
+                           seed=seed, stop=tuple(stop), speculative=False if no_speculation else None)
     engine = Engine(bundle)
     on_text = (lambda d: click.echo(d, nl=False)) if stream and not as_json else None
     r = engine.generate(prompt, cfg, on_text=on_text)
@@ -178,6 +178,112 @@ def generate(bundle, prompt, prompt_file, max_new_tokens, k, temperature, top_k,
     click.secho(f"[{s.new_tokens} tokens, {s.tokens_per_s:.1f} tok/s, ttft {s.ttft_ms:.1f} ms, "
                 + (f"k={s.k} alpha={s.alpha:.2f} tau={s.mean_accepted_length:.2f}, " if s.drafted else "plain, ")
                 + f"finish: {r.finish_reason}]", fg="cyan", err=True)
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    from ..runtime.errors import InvalidArgument
+
+    try:
+        ks = tuple(int(x) for x in text.split(","))
+    except ValueError as e:
+        raise InvalidArgument(f"--k takes a comma-separated list of integers like 2,4,6, got {text!r}") from e
+    if not all(1 <= k <= 32 for k in ks):
+        raise InvalidArgument(f"every k must be between 1 and 32, got {text!r}")
+    return ks
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--prompts", "prompt_files", type=click.Path(path_type=Path), multiple=True, required=True,
+              help="JSON lines with a 'prompt' field, or text files (one prompt each). Repeatable.")
+@click.option("--max-new-tokens", type=int, default=128, show_default=True)
+@click.option("--k", "k_list", default="2,4,6", show_default=True, help="Comma-separated draft lengths.")
+@click.option("--temperature", type=float, default=0.0, show_default=True)
+@click.option("--baselines", default="plain,spec", show_default=True,
+              help="Comma-separated: plain, spec, ort-genai, ort-genai-plain, hf, hf-plain.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the report as JSON here.")
+@click.option("--plot", "plot_out", type=click.Path(path_type=Path), help="Write PNG plots here.")
+def bench(bundle, prompt_files, max_new_tokens, k_list, temperature, baselines, json_out, plot_out):
+    """Side-by-side tokens/s, latency, alpha, tau and c on your prompts; peers on the same graphs.
+
+    \b
+    Example:
+      spec-export bench ./bundle --prompts traffic.jsonl --k 2,4,6 --baselines plain,spec,ort-genai,hf \\
+          --json bench.json --plot bench.png
+    """
+    from rich.progress import Progress
+
+    from . import bench as b
+
+    prompts = b.load_prompts(list(prompt_files))
+    names = tuple(x.strip() for x in baselines.split(",") if x.strip())
+    unknown = set(names) - {"plain", "spec", "ort-genai", "ort-genai-plain", "hf", "hf-plain"}
+    if unknown:
+        from ..runtime.errors import InvalidArgument
+
+        raise InvalidArgument(f"unknown baseline(s) {', '.join(sorted(unknown))}")
+    with Progress(transient=True) as bar:
+        task = bar.add_task("benchmarking", total=None)
+        report = b.run_bench(bundle, prompts, max_new_tokens, _ints(k_list), temperature, names,
+                             progress=lambda name, i: bar.update(task, description=f"prompt {i + 1}/{len(prompts)}: {name}"))
+    click.echo(b.table(report))
+    if json_out:
+        Path(json_out).write_text(json.dumps(report, indent=1))
+    if plot_out:
+        b.plot(report, Path(plot_out))
+    b.check_identical(report)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--prompts", "prompt_files", type=click.Path(path_type=Path), multiple=True, required=True,
+              help="JSON lines with a 'prompt' field, or text files (one prompt each). Repeatable.")
+@click.option("--drafts", type=click.Path(path_type=Path), multiple=True,
+              help="Other bundles (same target, other drafts or draft precisions) to compare. Repeatable.")
+@click.option("--max-new-tokens", type=int, default=128, show_default=True)
+def tune(bundle, prompt_files, drafts, max_new_tokens):
+    """Measure alpha and c on your prompts, pick k (and the draft), write the choice into the manifest.
+
+    \b
+    Example:
+      spec-export tune ./bundle --prompts traffic.jsonl --drafts ./bundle-int8-draft
+    """
+    from . import bench as b
+
+    out = b.tune(bundle, b.load_prompts(list(prompt_files)), max_new_tokens, tuple(drafts))
+    for e in out["evaluated"]:
+        pred = " ".join(f"k{k}:{v:.2f}x" for k, v in e["predicted"].items())
+        meas = " ".join(f"k{k}:{v:.2f}x" for k, v in e["measured"].items())
+        click.echo(f"{e['bundle']}: alpha {e['alpha']:.2f}, c {e['c']:.3f}\n  predicted {pred}\n  measured  {meas}")
+    ch = out["choice"]
+    if ch["speculative"]:
+        click.secho(f"choice: {ch['draft_bundle']} with k={ch['k']} ({ch['expected_speedup']:.2f}x over plain); "
+                    f"written to {bundle}/manifest.json as the default", fg="green")
+    else:
+        click.secho("speculation does not pay here: " + "; ".join(out["reasons"]) +
+                    f". Plain decoding is now {bundle}'s default.", fg="yellow")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--budget-ttft-ms", type=float, help="Fail if time to first token exceeds this.")
+@click.option("--budget-tpot-ms", type=float, help="Fail if time per output token exceeds this.")
+@click.option("--min-speedup", type=float, help="Fail if speculative/plain tokens/s is below this.")
+@click.option("--max-new-tokens", type=int, default=32, show_default=True)
+def smoke(bundle, budget_ttft_ms, budget_tpot_ms, min_speedup, max_new_tokens):
+    """Short deterministic latency check for device CI (RTX, Jetson): exit 1 when a budget is missed.
+
+    \b
+    Example (a Jetson CI job):
+      spec-export smoke ./bundle --budget-ttft-ms 150 --budget-tpot-ms 40 --min-speedup 1.5
+    """
+    from . import bench as b
+
+    got, failures = b.smoke(bundle, budget_ttft_ms, budget_tpot_ms, min_speedup, max_new_tokens)
+    click.echo(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in got.items()))
+    for f in failures:
+        click.secho(f"FAIL: {f}", fg="red", err=True)
+    sys.exit(1 if failures else 0)
 
 
 @main.command()
