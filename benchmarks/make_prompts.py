@@ -21,6 +21,6 @@ for held in HELD_OUT:
         defs = [i for i, line in enumerate(lines) if line.lstrip().startswith("def ") and line.rstrip().endswith(":")]
         for i in defs[1::7][:3]:  # a few functions per module, spread out
             prompts.append({"prompt": "".join(lines[max(0, i - 30) : i + 1]), "source": f"{f.relative_to(root)}:{i + 1}"})
-for p in prompts[:40]:
+for p in prompts[:20]:
     print(json.dumps(p))
-print(f"{min(len(prompts), 40)} prompts", file=sys.stderr)
+print(f"{min(len(prompts), 20)} prompts", file=sys.stderr)

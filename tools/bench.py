@@ -85,6 +85,7 @@ class Run:
 
 def engine_run(engine: Engine, ids: list[int], max_new_tokens: int, k: int | None, temperature: float,
                seed: int) -> Run:
+    engine.forget()  # cold prefill, like the peers: the engine's prefix reuse would otherwise skip it
     r = engine.generate(ids, max_new_tokens=max_new_tokens, k=k or 1, speculative=k is not None,
                         temperature=temperature, seed=seed)
     s = r.stats
