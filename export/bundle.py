@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..runtime.errors import ExportError, InvalidArgument
+from ..runtime.errors import ExportError, InvalidArgument, SpecError
 from ..runtime.manifest import MANIFEST, Manifest, ModelSpec, TokenizerSpec, sha256
 from . import parity
 from .check import check_pair, require_compatible, tokenizer_fingerprint
@@ -37,8 +37,17 @@ def export_bundle(o: ExportOptions, progress=None) -> Manifest:
         if p not in PRECISIONS:
             raise InvalidArgument(f"--{name}-precision {p!r} is not one of {', '.join(PRECISIONS)}"
                                   + (" (FP8 needs TensorRT; use int4 here)" if p == "fp8" else ""))
+    if o.device == "cpu" and "fp16" in (tp, o.draft_precision):
+        # The builder's fp16 CPU graphs have no GroupQueryAttention and fail in their mask subgraph in onnxruntime
+        # 1.32; CPUs without fp16 units would run them slower than fp32 anyway.
+        raise InvalidArgument("fp16 graphs are for --device cuda; on the CPU use fp32 for the target and int4 "
+                              "(or int8) for the draft")
     if o.device not in ("cpu", "cuda"):
         raise InvalidArgument(f"--device {o.device!r} must be cpu or cuda")
+    if o.device == "cuda":
+        # Validating CUDA graphs needs a CUDA session, and the runtime's device-resident path is not built yet.
+        raise InvalidArgument("--device cuda is not available yet: the CUDA runtime path (device-resident KV, CUDA "
+                              "graphs) is not built; export with --device cpu")
     out = Path(o.out)
     if out.exists() and not o.force:
         raise InvalidArgument(f"{out} already exists: pass --force to replace it (the old bundle is kept until the "
@@ -84,7 +93,12 @@ def _build(o: ExportOptions, tp: str, verdict, tmp: Path, say) -> Manifest:
                          parameters=info.parameters, precision=precision, provider=o.device,
                          graph=f"{role}/model.onnx", max_length=o.max_length, rewindable=info.rewindable, **facts)
         say(2 + 2 * step, 6, f"validating the {role} graph against PyTorch")
-        rec = parity.check_graph(spec, tmp, prompts, parity.hf_logits(Path(src), prompts))
+        try:
+            rec = parity.check_graph(spec, tmp, prompts, parity.hf_logits(Path(src), prompts))
+        except SpecError:
+            raise
+        except Exception as e:  # onnxruntime or transformers refusing the graph/checkpoint: say which, keep the cause
+            raise ExportError(f"the exported {role} graph ({precision}, {o.device}) could not be validated: {e}") from e
         if role == "target":
             ok, why = parity.passes(rec, precision)
             if not ok:

@@ -6,6 +6,7 @@ import time
 import numpy as np
 import onnxruntime as ort
 
+from .errors import InvalidArgument
 from .manifest import ModelSpec
 
 _NP = {"float32": np.float32, "float16": np.float16}
@@ -17,8 +18,12 @@ def make_session(path: str, provider: str = "cpu", threads: int = 0) -> ort.Infe
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         opts.intra_op_num_threads = threads
-    providers = {"cpu": ["CPUExecutionProvider"]}[provider]
-    return ort.InferenceSession(path, opts, providers=providers)
+    if provider != "cpu":
+        # The device-resident CUDA path (KV and logits on the GPU, CUDA graphs) is not built yet: refuse rather than
+        # run a cuda bundle through host buffers and report numbers that are not what the product promises.
+        raise InvalidArgument(f"this runtime runs cpu bundles only; {path} was exported for {provider!r}: "
+                              f"re-export with --device cpu")
+    return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
 
 
 class KVModel:

@@ -68,7 +68,7 @@ def check(target, draft, as_json):
 @click.option("--draft", type=click.Path(path_type=Path), required=True, help="Draft checkpoint folder (HF).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Bundle folder to write.")
 @click.option("--target-precision", type=click.Choice(["fp32", "fp16", "int8", "int4"]), default=None,
-              help="Default: fp32 on cpu, fp16 on cuda.")
+              help="Default: fp32 on cpu, fp16 on cuda (fp16 is refused on cpu).")
 @click.option("--draft-precision", type=click.Choice(["int4", "int8", "fp16", "fp32", "fp8"]), default="int4",
               show_default=True, help="fp8 needs TensorRT and is refused for cpu/cuda.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
