@@ -17,6 +17,7 @@ class TextStream:
         self.tokenizer, self.stop = tokenizer, tuple(s for s in stop if s)
         self.ids: list[int] = []
         self.prefix = self.read = 0
+        self._before = ""       # decode(ids[prefix:read])
         self.text = ""          # final text so far; a stop string and what follows it are cut
         self.emitted = 0        # characters of `text` handed out
         self.stopped = False
@@ -41,12 +42,12 @@ class TextStream:
         return self._emit(len(self.text))
 
     def _decode(self, final: bool) -> None:
-        decode = self.tokenizer.decode
-        before = decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
-        after = decode(self.ids[self.prefix :], skip_special_tokens=True)
-        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
-            self.text += after[len(before) :]
+        after = self.tokenizer.decode(self.ids[self.prefix :], skip_special_tokens=True)
+        if len(after) > len(self._before) and (final or not after.endswith("\ufffd")):
+            self.text += after[len(self._before) :]
             self.prefix, self.read = self.read, len(self.ids)
+            # decode(ids[prefix:read]) for the next token: one decode per token on the hot path, not two
+            self._before = self.tokenizer.decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
 
     def _emit(self, end: int) -> str:
         end = max(end, self.emitted)
