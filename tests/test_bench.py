@@ -77,3 +77,13 @@ def test_smoke_budgets(bundles):
                                      "--max-new-tokens", "8"])
     assert fail.exit_code == 1
     assert "time per output token" in fail.output and "below the minimum 50x" in fail.output
+
+
+def test_bad_bench_arguments_are_messages(bundles, prompts, tmp_path):
+    b = str(bundles("llama"))
+    r = CliRunner().invoke(main, ["bench", b, "--prompts", str(prompts), "--baselines", "plain,vllm"])
+    assert r.exit_code == 2 and "unknown baseline(s) vllm" in r.output
+    r = CliRunner().invoke(main, ["bench", b, "--prompts", str(prompts), "--k", "2,x"])
+    assert r.exit_code == 2 and "comma-separated list of integers" in r.output
+    r = CliRunner().invoke(main, ["bench", b, "--prompts", str(tmp_path / "nope.jsonl")])
+    assert r.exit_code == 2 and "does not exist" in r.output

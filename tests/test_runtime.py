@@ -2,6 +2,7 @@
 rollback leaves the cache as a fresh run would, and bad input gets a clear error."""
 from __future__ import annotations
 
+import json
 import threading
 
 import numpy as np
@@ -254,6 +255,12 @@ def test_bundle_missing_or_modified_file(bundles, tmp_path):
     b = copy("missing")
     (b / "target" / "model.onnx").unlink()
     with pytest.raises(BundleError, match="target/model.onnx is missing"):
+        Engine(b)
+    b = copy("cuda")
+    m = json.loads((b / "manifest.json").read_text())
+    m["target"]["provider"] = "cuda"
+    (b / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(InvalidArgument, match="runs cpu bundles only"):
         Engine(b)
     b = copy("corrupted")
     (b / "manifest.json").write_text("{not json")

@@ -155,7 +155,7 @@ def run_bench(bundle: Path, prompts: list[str], max_new_tokens: int = 128, ks: t
     t_cost = step_costs(engine.target, list(range(1, kmax + 2)), past)
     d_cost = step_costs(engine.draft, [1, 2], past)
     c = d_cost[1] / t_cost[1]
-    results = [summarize(name, _k(name, configs), runs[name]) for name in configs]
+    results = [summarize(name, _k(name), runs[name]) for name in configs]
     plain = next(r for r in results if r["name"] == "plain")
     for r in results:
         r["speedup_vs_plain"] = r["tokens_per_s"] / plain["tokens_per_s"] if plain["tokens_per_s"] else None
@@ -175,7 +175,7 @@ def run_bench(bundle: Path, prompts: list[str], max_new_tokens: int = 128, ks: t
     }
 
 
-def _k(name: str, configs) -> int | None:
+def _k(name: str) -> int | None:
     return int(name.rsplit("-k", 1)[1]) if "-k" in name else None
 
 
