@@ -21,9 +21,9 @@ class ExportOptions:
     target: Path
     draft: Path
     out: Path
-    target_precision: str | None = None   # default: fp32 on cpu, fp16 on cuda
-    draft_precision: str = "int4"
-    device: str = "cpu"
+    target_precision: str | None = None   # default: fp32 on cpu/trt, fp16 on cuda/rtx
+    draft_precision: str | None = None    # default: int4; fp8 on trt
+    device: str = "cpu"                   # cpu | cuda | rtx (TensorRT-RTX) | trt (native TensorRT)
     max_length: int = 2048
     force: bool = False
     k: int = 4                            # default draft length recorded in the manifest
@@ -32,22 +32,7 @@ class ExportOptions:
 def export_bundle(o: ExportOptions, progress=None) -> Manifest:
     """Write the bundle to o.out, or raise leaving o.out exactly as it was. `progress(step, total, text)` reports."""
     say = progress or (lambda i, n, text: None)
-    tp = o.target_precision or ("fp16" if o.device == "cuda" else "fp32")
-    for name, p in (("target", tp), ("draft", o.draft_precision)):
-        if p not in PRECISIONS:
-            raise InvalidArgument(f"--{name}-precision {p!r} is not one of {', '.join(PRECISIONS)}"
-                                  + (" (FP8 needs TensorRT; use int4 here)" if p == "fp8" else ""))
-    if o.device == "cpu" and "fp16" in (tp, o.draft_precision):
-        # The builder's fp16 CPU graphs have no GroupQueryAttention and fail in their mask subgraph in onnxruntime
-        # 1.32; CPUs without fp16 units would run them slower than fp32 anyway.
-        raise InvalidArgument("fp16 graphs are for --device cuda; on the CPU use fp32 for the target and int4 "
-                              "(or int8) for the draft")
-    if o.device not in ("cpu", "cuda"):
-        raise InvalidArgument(f"--device {o.device!r} must be cpu or cuda")
-    if o.device == "cuda":
-        # Validating CUDA graphs needs a CUDA session, and the runtime's device-resident path is not built yet.
-        raise InvalidArgument("--device cuda is not available yet: the CUDA runtime path (device-resident KV, CUDA "
-                              "graphs) is not built; export with --device cpu")
+    tp, dp = _precisions(o)
     out = Path(o.out)
     if out.exists() and not o.force:
         raise InvalidArgument(f"{out} already exists: pass --force to replace it (the old bundle is kept until the "
@@ -66,7 +51,7 @@ def export_bundle(o: ExportOptions, progress=None) -> Manifest:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        manifest = _build(o, tp, verdict, tmp, say)
+        manifest = _build(o, tp, dp, verdict, tmp, say)
         _replace(tmp, out)
         return manifest
     except BaseException:
@@ -74,7 +59,34 @@ def export_bundle(o: ExportOptions, progress=None) -> Manifest:
         raise
 
 
-def _build(o: ExportOptions, tp: str, verdict, tmp: Path, say) -> Manifest:
+def _precisions(o: ExportOptions) -> tuple[str, str]:
+    """The (target, draft) precisions for o.device, or an InvalidArgument naming the combination and the fix."""
+    if o.device not in ("cpu", "cuda", "rtx", "trt"):
+        raise InvalidArgument(f"--device {o.device!r} must be cpu, cuda, rtx (TensorRT-RTX) or trt (native TensorRT)")
+    tp = o.target_precision or ("fp16" if o.device in ("cuda", "rtx") else "fp32")
+    dp = o.draft_precision or ("fp8" if o.device == "trt" else "int4")
+    for name, p in (("target", tp), ("draft", dp)):
+        if p not in PRECISIONS:
+            raise InvalidArgument(f"--{name}-precision {p!r} is not one of {', '.join(PRECISIONS)}")
+    if tp == "fp8":
+        raise InvalidArgument("fp8 is for drafts only: a target keeps fp32/fp16 so verification stays exact")
+    if dp == "fp8" and o.device != "trt":
+        raise InvalidArgument(f"--draft-precision fp8 needs TensorRT (--device trt); for --device {o.device} use int4"
+                              + (" (FP8 of the RTX graphs' GroupQueryAttention needs TensorRT inside ModelOpt)"
+                                 if o.device == "rtx" else ""))
+    if o.device == "cpu" and "fp16" in (tp, dp):
+        # The builder's fp16 CPU graphs have no GroupQueryAttention and fail in their mask subgraph in onnxruntime
+        # 1.32; CPUs without fp16 units would run them slower than fp32 anyway.
+        raise InvalidArgument("fp16 graphs are for --device cuda; on the CPU use fp32 for the target and int4 "
+                              "(or int8) for the draft")
+    if o.device == "trt" and ({tp, dp} - {"fp32", "fp8"}):
+        # TensorRT picks fp16 kernels itself from fp32 graphs; int4/int8 here are onnxruntime's MatMulNBits.
+        raise InvalidArgument("--device trt takes fp32 graphs (TensorRT builds fp16 kernels from them) and an fp8 "
+                              "or fp32 draft")
+    return tp, dp
+
+
+def _build(o: ExportOptions, tp: str, dp: str, verdict, tmp: Path, say) -> Manifest:
     from tokenizers import Tokenizer
 
     fp = tokenizer_fingerprint(Path(o.target))
@@ -85,10 +97,10 @@ def _build(o: ExportOptions, tp: str, verdict, tmp: Path, say) -> Manifest:
     log = tmp / "export.log"
     specs, records, timings = {}, {}, {}
     for step, (role, src, precision, info) in enumerate(
-            [("target", o.target, tp, verdict.target), ("draft", o.draft, o.draft_precision, verdict.draft)]):
+            [("target", o.target, tp, verdict.target), ("draft", o.draft, dp, verdict.draft)]):
         t0 = time.perf_counter()
         say(1 + 2 * step, 6, f"building the {role} graph ({precision}, {o.device})")
-        facts = build_graph(Path(src), tmp / role, precision, o.device, log)
+        facts = build_graph(Path(src), tmp / role, precision, o.device, log, prompts)
         spec = ModelSpec(role=role, architecture=info.architecture, model_type=info.model_type,
                          parameters=info.parameters, precision=precision, provider=o.device,
                          graph=f"{role}/model.onnx", max_length=o.max_length, rewindable=info.rewindable, **facts)

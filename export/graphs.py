@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from ..runtime.errors import ExportError
@@ -20,17 +21,26 @@ from ..runtime.errors import ExportError
 BUILDER_ARCHS = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                  "Phi3ForCausalLM", "GemmaForCausalLM", "GraniteForCausalLM", "OlmoForCausalLM",
                  "SmolLM3ForCausalLM", "NemotronForCausalLM", "PhiForCausalLM"}
-PRECISIONS = ("fp32", "fp16", "int8", "int4")
+PRECISIONS = ("fp32", "fp16", "int8", "int4", "fp8")
+BUILDER_EP = {"cpu": "cpu", "cuda": "cuda", "rtx": "NvTensorRtRtx"}
 
 
-def build_graph(model_dir: Path, out_dir: Path, precision: str, device: str, log: Path) -> dict:
-    """Export model_dir into out_dir/model.onnx; return the graph facts for the manifest (without role/params)."""
+def build_graph(model_dir: Path, out_dir: Path, precision: str, device: str, log: Path,
+                calibration: list[list[int]] = ()) -> dict:
+    """Export model_dir into out_dir/model.onnx; return the graph facts for the manifest (without role/params).
+    `calibration`: token id lists for FP8 calibration."""
     config = json.loads((model_dir / "config.json").read_text())
     arch = config["architectures"][0]
     out_dir.mkdir(parents=True, exist_ok=True)
-    if arch in BUILDER_ARCHS:
-        return _builder(model_dir, out_dir, precision, device, log)
-    return _fallback(model_dir, out_dir, precision, device, arch)
+    if device in BUILDER_EP and arch in BUILDER_ARCHS:
+        facts = _builder(model_dir, out_dir, precision, BUILDER_EP[device], log)
+    elif device in ("cpu", "trt"):  # native TensorRT reads plain ONNX ops: always the torch.onnx graph
+        facts = _fallback(model_dir, out_dir, precision, arch, log, calibration)
+    else:
+        raise ExportError(f"{arch} is not supported by onnxruntime-genai's model builder, whose in-place KV graphs "
+                          f"--device {device} needs; export it with --device cpu or --device trt")
+    add_argmax(out_dir / "model.onnx")
+    return dict(facts, **_graph_io(out_dir / "model.onnx"))
 
 
 def _builder(model_dir: Path, out_dir: Path, precision: str, device: str, log: Path) -> dict:
@@ -51,15 +61,15 @@ def _builder(model_dir: Path, out_dir: Path, precision: str, device: str, log: P
                   "chat_template.jinja", "added_tokens.json"):
         (out_dir / extra).unlink(missing_ok=True)  # the bundle keeps one copy of the tokenizer, at its root
     genai = json.loads((out_dir / "genai_config.json").read_text())["model"]["decoder"]
-    facts = _graph_io(out_dir / "model.onnx")
-    return dict(facts, builder="onnxruntime-genai model builder",
+    return dict(builder="onnxruntime-genai model builder",
                 past_key="past_key_values.{i}.key", past_value="past_key_values.{i}.value",
                 present_key="present.{i}.key", present_value="present.{i}.value",
                 num_layers=genai["num_hidden_layers"], num_kv_heads=genai["num_key_value_heads"],
                 head_dim=genai["head_size"])
 
 
-def _fallback(model_dir: Path, out_dir: Path, precision: str, device: str, arch: str) -> dict:
+def _fallback(model_dir: Path, out_dir: Path, precision: str, arch: str, log: Path,
+              calibration: list[list[int]]) -> dict:
     from .torch_export import export_concat
 
     if precision == "fp16":
@@ -69,8 +79,18 @@ def _fallback(model_dir: Path, out_dir: Path, precision: str, device: str, arch:
     iface = export_concat(model_dir, path)
     if precision in ("int4", "int8"):
         quantize_matmul_nbits(path, bits=4 if precision == "int4" else 8)
-    facts = _graph_io(path)
-    return dict(facts, builder="torch.onnx.export(dynamo=True)",
+    elif precision == "fp8":
+        from .fp8 import quantize_fp8
+
+        n = min(len(c) for c in calibration)  # one batch of equal-length prefills of real text
+        empty = np.zeros((len(calibration), iface["num_kv_heads"], 0, iface["head_dim"]), np.float32)
+        feeds = {"input_ids": np.array([c[:n] for c in calibration], np.int64),
+                 "attention_mask": np.ones((len(calibration), n), np.int64),
+                 "position_ids": np.tile(np.arange(n, dtype=np.int64), (len(calibration), 1))}
+        feeds.update({t.format(i=i): empty for i in range(iface["num_layers"])
+                      for t in (iface["past_key"], iface["past_value"])})
+        quantize_fp8(path, {k: v for k, v in feeds.items() if k in iface["inputs"]}, log)
+    return dict(builder="torch.onnx.export(dynamo=True)",
                 past_key=iface["past_key"], past_value=iface["past_value"], present_key=iface["present_key"],
                 present_value=iface["present_value"], num_layers=iface["num_layers"],
                 num_kv_heads=iface["num_kv_heads"], head_dim=iface["head_dim"])
@@ -87,6 +107,24 @@ def quantize_matmul_nbits(path: Path, bits: int) -> None:
     for f in path.parent.glob(path.name + "*"):
         f.unlink()
     onnx.save(q.model.model, str(path), save_as_external_data=True, location=path.name + ".data")
+
+
+def add_argmax(path: Path) -> None:
+    """Append an `argmax` output [batch, n] int64 = argmax of the logits over the vocabulary. Greedy decoding then
+    reads n integers per step instead of n x vocab logits: on a GPU the logits never leave the device."""
+    m = onnx.load(str(path), load_external_data=False)  # weights stay where they are, referenced by file name
+    g = m.graph
+    if any(o.name == "argmax" for o in g.output):
+        return
+    src = "logits"
+    if next(o for o in g.output if o.name == "logits").type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+        # ArgMax has no fp16 kernel on the CPU; casting (n, vocab) on the device costs microseconds.
+        g.node.append(onnx.helper.make_node("Cast", ["logits"], ["logits_fp32"], to=onnx.TensorProto.FLOAT))
+        src = "logits_fp32"
+    g.node.append(onnx.helper.make_node("ArgMax", [src], ["argmax"], axis=-1, keepdims=0))  # first max on ties
+    g.output.append(onnx.helper.make_tensor_value_info("argmax", onnx.TensorProto.INT64,
+                                                       ["batch_size", "sequence_length"]))
+    onnx.save(m, str(path))
 
 
 _DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16"}

@@ -99,14 +99,22 @@ class Result:
 class Engine:
     """Loads a bundle once: two sessions, their fixed KV buffers and the tokenizer; serves requests one at a time."""
 
-    def __init__(self, bundle: str | Path, provider: str | None = None, threads: int = 0, verify: bool = True):
+    def __init__(self, bundle: str | Path, provider: str | None = None, threads: int = 0, verify: bool = True,
+                 cuda_graph: bool = True):
+        """provider: cpu | cuda | rtx | trt; default: the one the bundle was exported for.
+        cuda_graph: capture and replay each decode/verify step size (GPU providers only)."""
         self.bundle = bundle = Path(bundle)
         self.manifest = m = load_manifest(bundle, verify=verify)
-        provider = provider or m.target.provider
-        self.target = KVModel(m.target, make_session(str(bundle / m.target.graph), provider, threads))
+        self.provider = provider = provider or m.target.provider
+
+        def load(spec, threads):
+            session = make_session(str(bundle / spec.graph), provider, threads, cuda_graph, spec)
+            return KVModel(spec, session, cuda_graph)
+
+        self.target = load(m.target, threads)
         # The draft runs on the calling thread alone: it is too small to gain from a pool, and a second session's
         # pool would spin between its runs and steal a core from the target's verify (1.6x slower rounds measured).
-        self.draft = KVModel(m.draft, make_session(str(bundle / m.draft.graph), provider, 1))
+        self.draft = load(m.draft, 1)
         self.tokenizer = Tokenizer.from_file(str(bundle / "tokenizer.json"))
         self.eos = frozenset(m.tokenizer.eos_token_ids)
         self.max_length = min(m.target.max_length, m.draft.max_length)
@@ -226,7 +234,7 @@ class Generator:
         # The target's cache holds every committed token but the last, which opens the next verify pass.
         keep = e.target.reuse(self.tokens)
         if keep < len(self.tokens) - 1:
-            e.target.forward(self.tokens[keep:-1])
+            e.target.forward(self.tokens[keep:-1], want=None)
         self.t_last = self.t_prefill = time.perf_counter()
         s.prefill_ms = 1e3 * (self.t_prefill - self.t0)
 
@@ -248,11 +256,15 @@ class Generator:
 
     def _plain_step(self) -> list[int]:
         t = time.perf_counter()
-        q = self.engine.target.forward(self.tokens[-1:])[0]                     # (V,)
+        c, target = self.config, self.engine.target
+        if c.temperature == 0:
+            nxt = int(target.forward(self.tokens[-1:], want="argmax")[0])
+        else:
+            nxt = sample(distribution(target.forward(self.tokens[-1:])[0], c.temperature, c.top_k, c.top_p), self.rng)
         self.stats.target_ms += 1e3 * (time.perf_counter() - t)
         self.stats.rounds += 1
         self.stats.rounds_plain += 1
-        return [self._choose(q)]
+        return [nxt]
 
     def _round(self, k: int) -> list[int]:
         e, c, s = self.engine, self.config, self.stats
@@ -260,13 +272,14 @@ class Generator:
         # 1. draft k tokens (and the draft distribution p they came from, when sampling)
         draft, p = self.drafter.propose(self.tokens, k)                            # (k,), (k, V) | None
         t1 = time.perf_counter()
-        # 2. verify all k in ONE target pass over [last token] + draft
-        logits = e.target.forward(np.concatenate(([self.tokens[-1]], draft)))  # (k+1, V)
-        # 3. accept: longest greedy-matching prefix, or rejection sampling against q
+        # 2. verify all k in ONE target pass over [last token] + draft, and
+        # 3. accept: the longest prefix matching the target's argmax (computed in the graph: k+1 ids come back, not
+        #    k+1 rows of logits), or rejection sampling against q (needs the rows: the residual max(0, q - p))
+        ids = np.concatenate(([self.tokens[-1]], draft))
         if c.temperature == 0:
-            n, nxt = verify_greedy(draft, logits)
+            n, nxt = verify_greedy(draft, e.target.forward(ids, want="argmax"))  # (k+1,) ids
         else:
-            q = distribution(logits, c.temperature, c.top_k, c.top_p)          # (k+1, V)
+            q = distribution(e.target.forward(ids), c.temperature, c.top_k, c.top_p)  # (k+1, V)
             n, nxt = verify_sampled(draft, *_same_width(p, q), self.rng)
         # 4. rewind both caches to the accepted length: an integer each, no copies
         e.target.pos -= k - n
@@ -281,12 +294,6 @@ class Generator:
             s.reject_round_pos[n] += 1
             s.reject_token_pos.append(len(self.response) + n)
         return [*draft[:n].tolist(), nxt]
-
-    def _choose(self, logits: np.ndarray) -> int:
-        c = self.config
-        if c.temperature == 0:
-            return int(logits.argmax())
-        return sample(distribution(logits, c.temperature, c.top_k, c.top_p), self.rng)
 
     def _commit(self, new: list[int]) -> None:
         """Append a round's tokens one by one, applying the stop conditions in order."""

@@ -1,7 +1,15 @@
-"""One exported decoder and its KV cache. The cache position is a host integer: rollback is `model.pos = n`."""
+"""One exported decoder and its KV cache. The cache position is a host integer: rollback is `model.pos = n`.
+
+The same code drives the CPU and the GPU. Every buffer a step touches (token ids, the attention mask, the KV cache,
+logits, argmax) is allocated once on the session's device and bound through IOBinding, one binding per step size n;
+per step only the new ids and the mask cross from the host, and only what the caller asks for comes back (the
+greedy path reads n int64 argmax ids, never the logits). Fixed addresses per step size are what CUDA graphs need:
+with `cuda_graph=True` each decode/verify size is captured once and replayed afterwards.
+"""
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
@@ -11,90 +19,170 @@ from .manifest import ModelSpec
 
 _NP = {"float32": np.float32, "float16": np.float16}
 _ORT = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "rtx": "NvTensorRTRTXExecutionProvider",
+             "trt": "TensorrtExecutionProvider"}
+BOUND_MAX_N = 64       # step sizes up to this keep their buffers and binding (decode, verify, catch-up feeds)
+GRAPH_MAX_N = 33       # ... and up to this get a captured CUDA graph (k + 1 tokens, k <= 32)
 
 
-def make_session(path: str, provider: str = "cpu", threads: int = 0) -> ort.InferenceSession:
+def make_session(path: str, provider: str = "cpu", threads: int = 0, cuda_graph: bool = False,
+                 spec: ModelSpec | None = None) -> ort.InferenceSession:
+    """A session on exactly `provider`, or an InvalidArgument saying why not: onnxruntime silently falls back to the
+    CPU when a GPU provider cannot start, and CPU numbers must never be reported as GPU numbers."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         opts.intra_op_num_threads = threads
-    if provider != "cpu":
-        # The device-resident CUDA path (KV and logits on the GPU, CUDA graphs) is not built yet: refuse rather than
-        # run a cuda bundle through host buffers and report numbers that are not what the product promises.
-        raise InvalidArgument(f"this runtime runs cpu bundles only; {path} was exported for {provider!r}: "
-                              f"re-export with --device cpu")
-    return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    if provider == "cpu":
+        providers = ["CPUExecutionProvider"]
+    elif provider == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise InvalidArgument(f"this onnxruntime ({ort.__version__}, {', '.join(ort.get_available_providers())}) "
+                                  f"has no CUDA provider: replace it with the GPU build (pip uninstall -y onnxruntime "
+                                  f"&& pip install onnxruntime-gpu), or run on the CPU with --provider cpu")
+        providers = [("CUDAExecutionProvider", {"enable_cuda_graph": "1" if cuda_graph else "0"}),
+                     "CPUExecutionProvider"]
+    elif provider == "rtx":
+        from .tensorrt import add_rtx_provider
+
+        add_rtx_provider(opts, path, cuda_graph)
+        providers = None
+    elif provider == "trt":  # needs the spec for its optimization profiles
+        from .tensorrt import trt_provider
+
+        providers = [trt_provider(spec, path), "CPUExecutionProvider"]
+    else:
+        raise InvalidArgument(f"provider {provider!r} must be one of {', '.join(PROVIDERS)}")
+    session = ort.InferenceSession(path, opts, providers=providers)
+    if session.get_providers()[0] != PROVIDERS[provider]:
+        raise InvalidArgument(f"onnxruntime could not start {PROVIDERS[provider]} for {path} (it fell back to "
+                              f"{session.get_providers()[0]}): check that the GPU is visible (nvidia-smi) and the "
+                              f"driver matches the CUDA build, or run with --provider cpu")
+    return session
+
+
+@dataclass
+class _Step:
+    """What one step size n binds: ids (1, n) in; logits (1, n, vocab) and argmax (1, n) out. Host arrays are the
+    staging copies on a GPU and the buffers themselves on the CPU (the OrtValues wrap them without a copy)."""
+    binding: ort.IOBinding
+    ids: np.ndarray                          # (1, n) int64, host
+    ids_ov: ort.OrtValue
+    logits: np.ndarray | None                # (1, n, vocab), host (CPU only)
+    logits_ov: ort.OrtValue | None           # None: onnxruntime allocates it (long prompts on a GPU)
+    argmax: np.ndarray | None                # (1, n) int64, host (CPU only)
+    argmax_ov: ort.OrtValue | None
+    run_options: ort.RunOptions | None       # selects the captured CUDA graph for this n
 
 
 class KVModel:
-    """Runs `forward(ids)` for the tokens at positions pos..pos+n-1 and returns their logits [n, vocab].
+    """Runs `forward(ids)` for the tokens at positions pos..pos+n-1.
 
     The cache holds the first `pos` tokens of the sequence. Rewinding is assigning a smaller `pos`: the slots past it
     are simply overwritten by the next forward, because the mask (in-place layout) or the view (concat layout) is
     derived from `pos`.
     """
 
-    def __init__(self, spec: ModelSpec, session: ort.InferenceSession):
+    def __init__(self, spec: ModelSpec, session: ort.InferenceSession, cuda_graph: bool = False):
         self.spec, self.session = spec, session
+        self.device = "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        self.cuda_graph = cuda_graph and self.device == "cuda"
         self.pos = 0
         self.seen: list[int] = []     # token ids behind the cache rows; only seen[:pos] is meaningful
         self.run_s = 0.0              # seconds spent inside session.run, for overhead accounting
         s, L = spec, spec.max_length
         dtype = _NP[s.kv_dtype]
-        self._mask = np.ones((1, L), np.int64)                                 # (1, max_length); sliced to pos + n
-        self._logits: dict[int, np.ndarray] = {}                               # n -> (1, n, vocab), reused
         self._logits_dtype = _ORT[next(o.type for o in session.get_outputs() if o.name == "logits")]
+        self._has_argmax = "argmax" in (o.name for o in session.get_outputs())
         if s.kv_layout == "inplace":
-            shape = (1, s.num_kv_heads, L, s.head_dim)
+            # The mask has a fixed length: ones for the positions < pos + n, zeros after. Its length never changes,
+            # so it is bound once (GroupQueryAttention counts the ones; the zeros hide stale rows past a rewind).
+            self._mask = np.zeros((1, L), np.int64)                            # (1, max_length)
+            self._mask_ov, self._ones = self._wrap(self._mask), 0
             # One buffer per layer and kind, bound as both past input and present output (GroupQueryAttention
-            # writes the new rows in place). Allocated once; never copied or cropped. The OrtValues wrap the numpy
-            # arrays without a copy, so the arrays are kept alive (and give tests a free view of the cache).
-            self.cache = [np.zeros(shape, dtype) for _ in range(2 * s.num_layers)]  # 2*layers x (1, kv_heads, max_length, head_dim)
-            self._ort_cache = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.cache]
-            self.binding = session.io_binding()
-            self._ids = np.zeros((1, L), np.int64)                             # (1, max_length); first n used
-            self._ids_ptr, self._mask_ptr, self._bound_n = self._ids.ctypes.data, self._mask.ctypes.data, 0
-            for i in range(s.num_layers):
-                for j, (past, present) in enumerate([(s.past_key, s.present_key), (s.past_value, s.present_value)]):
-                    buf = self._ort_cache[2 * i + j]
-                    self.binding.bind_ortvalue_input(past.format(i=i), buf)
-                    self.binding.bind_ortvalue_output(present.format(i=i), buf)
+            # writes the new rows in place). Allocated once; never copied or cropped.
+            shape = (1, s.num_kv_heads, L, s.head_dim)
+            self._kv = [self._wrap(np.zeros(shape, dtype)) for _ in range(2 * s.num_layers)]  # 2*layers x shape
+            self._steps: dict[int, _Step] = {}
         elif s.kv_layout == "concat":
+            if self.device != "cpu":
+                raise InvalidArgument(f"{s.graph} is a torch.onnx graph (concat KV), which runs on the CPU only; "
+                                      f"export a family the model builder supports for the GPU")
             # The graph returns past ++ new as fresh arrays. Keeping them and slicing [:pos] on rewind is free (a view);
             # the cost is inside the graph, which copies the whole cache on every step (Concat).
             empty = np.zeros((1, s.num_kv_heads, 0, s.head_dim), dtype)
             self.cache = [empty] * (2 * s.num_layers)                          # 2*layers x (1, kv_heads, pos, head_dim)
+            self._mask = np.ones((1, L), np.int64)                             # (1, max_length); sliced to pos + n
             self._pos_ids = np.arange(L, dtype=np.int64)[None]                 # (1, max_length)
             self._outputs = ["logits"] + [t.format(i=i) for i in range(s.num_layers)
                                           for t in (s.present_key, s.present_value)]
         else:
             raise ValueError(f"unknown kv_layout {s.kv_layout!r}")
 
-    def forward(self, ids) -> np.ndarray:
+    def _wrap(self, a: np.ndarray) -> ort.OrtValue:
+        """The device buffer for host array `a`: the same memory on the CPU, a copy on the GPU."""
+        return ort.OrtValue.ortvalue_from_numpy(a, self.device, 0)
+
+    def _step(self, n: int) -> _Step:
+        st = self._steps.get(n)
+        if st is not None:
+            return st
+        s, cpu = self.spec, self.device == "cpu"
+        b = self.session.io_binding()
+        ids = np.zeros((1, n), np.int64)
+        st = _Step(b, ids, self._wrap(ids), None, None, None, None, None)
+        if cpu or n <= BOUND_MAX_N:
+            st.logits = np.empty((1, n, s.vocab_size), self._logits_dtype)
+            st.logits_ov = self._wrap(st.logits) if cpu else ort.OrtValue.ortvalue_from_shape_and_type(
+                st.logits.shape, self._logits_dtype, "cuda", 0)
+        if self._has_argmax:
+            st.argmax = np.zeros((1, n), np.int64)
+            st.argmax_ov = self._wrap(st.argmax)
+        b.bind_ortvalue_input("input_ids", st.ids_ov)
+        b.bind_ortvalue_input("attention_mask", self._mask_ov)
+        for i in range(s.num_layers):
+            for j, (past, present) in enumerate([(s.past_key, s.present_key), (s.past_value, s.present_value)]):
+                b.bind_ortvalue_input(past.format(i=i), self._kv[2 * i + j])
+                b.bind_ortvalue_output(present.format(i=i), self._kv[2 * i + j])
+        if st.logits_ov is not None:
+            b.bind_ortvalue_output("logits", st.logits_ov)
+        else:
+            b.bind_output("logits", self.device)  # a long prompt: let onnxruntime allocate, never read it back
+        if st.argmax_ov is not None:
+            b.bind_ortvalue_output("argmax", st.argmax_ov)
+        if self.cuda_graph:
+            # One captured graph per step size; a prompt of another length runs without one (-1).
+            st.run_options = ort.RunOptions()
+            st.run_options.add_run_config_entry("gpu_graph_id", str(n) if n <= GRAPH_MAX_N else "-1")
+        if n <= BOUND_MAX_N:  # keep decode/verify sizes, not every prompt length
+            self._steps[n] = st
+        return st
+
+    def forward(self, ids, want: str | None = "logits") -> np.ndarray | None:
+        """Run the tokens; return their logits (n, vocab) float32, their argmax (n,) int64, or nothing (None)."""
         ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)                  # (1, n)
         n, p = ids.shape[1], self.pos
         assert n >= 1 and p + n <= self.spec.max_length, (p, n)
         if self.spec.kv_layout == "inplace":
-            # Inputs and logits live in preallocated host buffers bound by pointer: per step only shapes change.
-            # (Only this allocation differs for a device-resident path.)
-            # Binding costs tens of microseconds, so ids and logits are rebound only when n changes (a target
-            # verifies k + 1 tokens every round); the mask's length changes every step.
-            b = self.binding
-            self._ids[0, :n] = ids[0]
-            b.bind_input("attention_mask", "cpu", 0, np.int64, (1, p + n), self._mask_ptr)
-            if n != self._bound_n:
-                self._out = self._logits.get(n)
-                if self._out is None:  # keep buffers for decode/verify sizes, not for every prompt length
-                    self._out = np.empty((1, n, self.spec.vocab_size), self._logits_dtype)
-                    if n <= 64:
-                        self._logits[n] = self._out
-                b.bind_input("input_ids", "cpu", 0, np.int64, (1, n), self._ids_ptr)
-                b.bind_output("logits", "cpu", 0, self._out.dtype, self._out.shape, self._out.ctypes.data)
-                self._bound_n = n
-            logits = self._out
+            st = self._step(n)
+            st.ids[0] = ids[0]
+            m = self._mask
+            m[0, p : p + n] = 1
+            m[0, p + n : self._ones] = 0     # rows past a rewind
+            self._ones = p + n
+            if self.device != "cpu":          # host -> device: n ids and the mask, nothing else
+                st.ids_ov.update_inplace(st.ids)
+                self._mask_ov.update_inplace(m)
             t = time.perf_counter()
-            self.session.run_with_iobinding(b)
+            self.session.run_with_iobinding(st.binding, st.run_options)
             self.run_s += time.perf_counter() - t
+            self.pos = p + n
+            self.seen[p:] = ids[0].tolist()
+            if want == "argmax" and st.argmax_ov is not None:
+                return (st.argmax if self.device == "cpu" else st.argmax_ov.numpy())[0]
+            if want is None:
+                return None
+            logits = st.logits if self.device == "cpu" else st.logits_ov.numpy()
         else:
             s = self.spec
             feeds = {"input_ids": ids, "attention_mask": self._mask[:, : p + n]}
@@ -107,9 +195,11 @@ class KVModel:
             out = self.session.run(self._outputs, feeds)
             self.run_s += time.perf_counter() - t
             logits, self.cache = out[0], out[1:]
-        self.pos = p + n
-        self.seen[p:] = ids[0].tolist()
-        return logits[0].astype(np.float32, copy=False)
+            self.pos = p + n
+            self.seen[p:] = ids[0].tolist()
+        if want == "argmax":                  # graphs exported before the argmax output existed
+            return logits[0].argmax(-1)
+        return None if want is None else logits[0].astype(np.float32, copy=False)
 
     def reuse(self, tokens: list[int]) -> int:
         """Rewind to the longest cached prefix of `tokens`, leaving at least one token to feed; return it."""
@@ -121,5 +211,12 @@ class KVModel:
 
     def kv(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
         """Copies of the valid cache rows of one layer, (kv_heads, pos, head_dim) each: for tests and tools."""
-        k, v = self.cache[2 * layer], self.cache[2 * layer + 1]
+        if self.spec.kv_layout == "inplace":
+            k, v = self._kv[2 * layer].numpy(), self._kv[2 * layer + 1].numpy()
+        else:
+            k, v = self.cache[2 * layer], self.cache[2 * layer + 1]
         return k[0, :, : self.pos].copy(), v[0, :, : self.pos].copy()
+
+    def buffers(self) -> list[int]:
+        """Device addresses of the KV buffers: constant for the model's life (tests check nothing is reallocated)."""
+        return [v.data_ptr() for v in self._kv] if self.spec.kv_layout == "inplace" else []

@@ -34,13 +34,13 @@ def sample(probs: np.ndarray, rng: np.random.Generator) -> int:
     return int(min(np.searchsorted(c, rng.random() * c[-1], side="right"), len(c) - 1))
 
 
-def verify_greedy(draft: np.ndarray, target_logits: np.ndarray) -> tuple[int, int]:
-    """draft [k] tokens, target_logits [k+1, V]. Accept the longest prefix equal to the target's argmax.
+def verify_greedy(draft: np.ndarray, best: np.ndarray) -> tuple[int, int]:
+    """draft [k] tokens, best [k+1] the target's argmax at the same positions and one past them. Accept the longest
+    prefix equal to the target's choice.
 
     Returns (n accepted, next token): the target's argmax after the accepted prefix, which is the correction on a
     rejection and the bonus token when all k are accepted.
     """
-    best = target_logits.argmax(axis=-1)                                # (k+1,)
     n = 0
     while n < len(draft) and draft[n] == best[n]:
         n += 1

@@ -54,12 +54,8 @@ def test_refusals(checkpoints, tmp_path, tok_dir):
     from specedge.models import tiny
 
     target, draft = checkpoints("llama")
-    with pytest.raises(InvalidArgument, match="FP8 needs TensorRT; use int4"):
+    with pytest.raises(InvalidArgument, match="fp8 needs TensorRT .--device trt.; for --device cpu use int4"):
         export_bundle(ExportOptions(target=target, draft=draft, out=tmp_path / "x", draft_precision="fp8"))
-    with pytest.raises(InvalidArgument, match="fp16 graphs are for --device cuda"):
-        export_bundle(ExportOptions(target=target, draft=draft, out=tmp_path / "x", target_precision="fp16"))
-    with pytest.raises(InvalidArgument, match="--device cuda is not available yet"):
-        export_bundle(ExportOptions(target=target, draft=draft, out=tmp_path / "x", device="cuda"))
     with pytest.raises(InvalidArgument, match="max_position_embeddings"):
         export_bundle(ExportOptions(target=target, draft=draft, out=tmp_path / "x", max_length=100000))
     sw = tiny.build_tiny(tmp_path / "sw", "mistral", tok_dir, sliding_window=16)

@@ -211,7 +211,8 @@ def test_cancel_from_another_thread(llama):
 
 
 def test_reuse_across_requests_keeps_buffers(llama):
-    buffers = [id(b) for b in llama.target.cache]
+    buffers = llama.target.buffers() + llama.draft.buffers()
+    assert buffers
     a = llama.generate(PROMPTS[2], max_new_tokens=20)
     llama.generate(PROMPTS[1], max_new_tokens=20)
     g = llama.generator(PROMPTS[2], max_new_tokens=20)
@@ -220,7 +221,7 @@ def test_reuse_across_requests_keeps_buffers(llama):
     g.append_tokens(llama.encode(PROMPTS[2]))
     c = g.result()
     assert a.token_ids == b.token_ids == c.token_ids
-    assert [id(b) for b in llama.target.cache] == buffers
+    assert llama.target.buffers() + llama.draft.buffers() == buffers
 
 
 @pytest.mark.parametrize("opts,match", [
@@ -255,12 +256,6 @@ def test_bundle_missing_or_modified_file(bundles, tmp_path):
     b = copy("missing")
     (b / "target" / "model.onnx").unlink()
     with pytest.raises(BundleError, match="target/model.onnx is missing"):
-        Engine(b)
-    b = copy("cuda")
-    m = json.loads((b / "manifest.json").read_text())
-    m["target"]["provider"] = "cuda"
-    (b / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(InvalidArgument, match="runs cpu bundles only"):
         Engine(b)
     b = copy("corrupted")
     (b / "manifest.json").write_text("{not json")

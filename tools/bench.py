@@ -15,6 +15,7 @@ import numpy as np
 
 from ..runtime import Engine
 from ..runtime.errors import InvalidArgument, SpecError
+from ..runtime.manifest import load_manifest
 from ..runtime.model import KVModel
 
 
@@ -51,14 +52,14 @@ def tau(alpha: float, k: int) -> float:
 def step_costs(model: KVModel, sizes: list[int], past: int, repeats: int = 15) -> dict[int, float]:
     """Median ms of one forward of n tokens on top of `past` cached tokens, for each n."""
     model.pos = 0
-    model.forward(list(range(3, 3 + past)))
+    model.forward(list(range(3, 3 + past)), want=None)
     out = {}
     for n in sizes:
         times = []
         for _ in range(repeats):
             model.pos = past
             t = time.perf_counter()
-            model.forward([5] * n)
+            model.forward([5] * n, want="argmax")  # what a greedy step reads back
             times.append(time.perf_counter() - t)
         out[n] = 1e3 * float(np.median(times))
     model.pos = 0
@@ -121,9 +122,9 @@ def summarize(name: str, k: int | None, runs: list[Run]) -> dict:
 
 def run_bench(bundle: Path, prompts: list[str], max_new_tokens: int = 128, ks: tuple[int, ...] = (2, 4, 6),
               temperature: float = 0.0, baselines: tuple[str, ...] = ("plain", "spec"), seed: int = 0,
-              progress=None) -> dict:
+              progress=None, provider: str | None = None) -> dict:
     """All configurations, interleaved prompt by prompt; returns the report (see `results`)."""
-    engine = Engine(bundle)
+    engine = Engine(bundle, provider)
     ids = [engine.encode(p)[: engine.max_length // 2] for p in prompts]
     configs: dict[str, tuple] = {"plain": ("engine", None)}
     if "spec" in baselines:
@@ -325,7 +326,7 @@ def write_defaults(bundle: Path, defaults: dict) -> None:
     import dataclasses
     import os
 
-    from ..runtime.manifest import MANIFEST, load_manifest
+    from ..runtime.manifest import MANIFEST
 
     m = load_manifest(bundle, verify=True)
     m = dataclasses.replace(m, defaults={**m.defaults, **defaults})
@@ -343,9 +344,11 @@ SMOKE_PROMPTS = (
 
 
 def smoke(bundle: Path, budget_ttft_ms: float | None = None, budget_tpot_ms: float | None = None,
-          min_speedup: float | None = None, max_new_tokens: int = 32) -> tuple[dict, list[str]]:
+          min_speedup: float | None = None, max_new_tokens: int = 32, provider: str | None = None
+          ) -> tuple[dict, list[str]]:
     """Greedy, fixed prompts, warm; returns (measurements, failures). Budgets that are None are not checked."""
-    report = run_bench(bundle, list(SMOKE_PROMPTS), max_new_tokens, ks=(Engine(bundle).default_k,))
+    k = int(load_manifest(bundle).defaults.get("k", 4))
+    report = run_bench(bundle, list(SMOKE_PROMPTS), max_new_tokens, ks=(k,), provider=provider)
     plain, spec = report["results"][0], report["results"][1]
     got = {"ttft_ms": spec["ttft_ms"], "tpot_ms": 1e3 / spec["tokens_per_s"] if spec["tokens_per_s"] else float("inf"),
            "speedup": spec["speedup_vs_plain"], "alpha": spec["alpha"], "k": spec["k"],

@@ -68,11 +68,12 @@ def check(target, draft, as_json):
 @click.option("--draft", type=click.Path(path_type=Path), required=True, help="Draft checkpoint folder (HF).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Bundle folder to write.")
 @click.option("--target-precision", type=click.Choice(["fp32", "fp16", "int8", "int4"]), default=None,
-              help="Default: fp32 on cpu, fp16 on cuda (fp16 is refused on cpu).")
-@click.option("--draft-precision", type=click.Choice(["int4", "int8", "fp16", "fp32", "fp8"]), default="int4",
-              show_default=True, help="fp8 needs TensorRT and is refused for cpu/cuda.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-              help="Execution provider the graphs are built for.")
+              help="Default: fp32 on cpu/trt, fp16 on cuda/rtx (fp16 is refused on cpu).")
+@click.option("--draft-precision", type=click.Choice(["int4", "int8", "fp16", "fp32", "fp8"]), default=None,
+              help="Default: int4; fp8 on trt (fp8 is for TensorRT only).")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "rtx", "trt"]), default="cpu", show_default=True,
+              help="What the graphs are built for: cpu, cuda (onnxruntime-gpu), rtx (TensorRT-RTX plugin), "
+                   "trt (native TensorRT via onnxruntime).")
 @click.option("--max-length", type=click.IntRange(16, None), default=2048, show_default=True,
               help="Context length (prompt + response) the KV buffers hold.")
 @click.option("--k", type=click.IntRange(1, 32), default=4, show_default=True, help="Default draft length.")
@@ -145,9 +146,11 @@ def describe(m, bundle) -> str:
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--no-speculation", is_flag=True, help="Plain decoding with the target only.")
 @click.option("--stream", is_flag=True, help="Print text as it is generated.")
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "rtx", "trt"]), default=None,
+              help="Where to run (default: the device the bundle was exported for).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: text, token_ids, stats.")
 def generate(bundle, prompt, prompt_file, max_new_tokens, k, temperature, top_k, top_p, seed, stop,
-             no_speculation, stream, as_json):
+             no_speculation, stream, provider, as_json):
     """Generate a completion with speculative decoding.
 
     \b
@@ -165,7 +168,7 @@ def generate(bundle, prompt, prompt_file, max_new_tokens, k, temperature, top_k,
             raise InvalidArgument(f"{prompt_file} is not valid UTF-8 ({e}); convert it to UTF-8 first") from e
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, k=k, temperature=temperature, top_k=top_k, top_p=top_p,
                            seed=seed, stop=tuple(stop), speculative=False if no_speculation else None)
-    engine = Engine(bundle)
+    engine = Engine(bundle, provider)
     on_text = (lambda d: click.echo(d, nl=False)) if stream and not as_json else None
     r = engine.generate(prompt, cfg, on_text=on_text)
     if as_json:
@@ -203,7 +206,9 @@ def _ints(text: str) -> tuple[int, ...]:
               help="Comma-separated: plain, spec, ort-genai, ort-genai-plain, hf, hf-plain.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the report as JSON here.")
 @click.option("--plot", "plot_out", type=click.Path(path_type=Path), help="Write PNG plots here.")
-def bench(bundle, prompt_files, max_new_tokens, k_list, temperature, baselines, json_out, plot_out):
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "rtx", "trt"]), default=None,
+              help="Where to run (default: the device the bundle was exported for).")
+def bench(bundle, prompt_files, max_new_tokens, k_list, temperature, baselines, json_out, plot_out, provider):
     """Side-by-side tokens/s, latency, alpha, tau and c on your prompts; peers on the same graphs.
 
     \b
@@ -224,7 +229,7 @@ def bench(bundle, prompt_files, max_new_tokens, k_list, temperature, baselines, 
         raise InvalidArgument(f"unknown baseline(s) {', '.join(sorted(unknown))}")
     with Progress(transient=True) as bar:
         task = bar.add_task("benchmarking", total=None)
-        report = b.run_bench(bundle, prompts, max_new_tokens, _ints(k_list), temperature, names,
+        report = b.run_bench(bundle, prompts, max_new_tokens, _ints(k_list), temperature, names, provider=provider,
                              progress=lambda name, i: bar.update(task, description=f"prompt {i + 1}/{len(prompts)}: {name}"))
     click.echo(b.table(report))
     if json_out:
@@ -270,7 +275,9 @@ def tune(bundle, prompt_files, drafts, max_new_tokens):
 @click.option("--budget-tpot-ms", type=float, help="Fail if time per output token exceeds this.")
 @click.option("--min-speedup", type=float, help="Fail if speculative/plain tokens/s is below this.")
 @click.option("--max-new-tokens", type=int, default=32, show_default=True)
-def smoke(bundle, budget_ttft_ms, budget_tpot_ms, min_speedup, max_new_tokens):
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "rtx", "trt"]), default=None,
+              help="Where to run (default: the device the bundle was exported for).")
+def smoke(bundle, budget_ttft_ms, budget_tpot_ms, min_speedup, max_new_tokens, provider):
     """Short deterministic latency check for device CI (RTX, Jetson): exit 1 when a budget is missed.
 
     \b
@@ -279,7 +286,7 @@ def smoke(bundle, budget_ttft_ms, budget_tpot_ms, min_speedup, max_new_tokens):
     """
     from . import bench as b
 
-    got, failures = b.smoke(bundle, budget_ttft_ms, budget_tpot_ms, min_speedup, max_new_tokens)
+    got, failures = b.smoke(bundle, budget_ttft_ms, budget_tpot_ms, min_speedup, max_new_tokens, provider)
     click.echo(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in got.items()))
     for f in failures:
         click.secho(f"FAIL: {f}", fg="red", err=True)
