@@ -21,8 +21,9 @@ _NP = {"float32": np.float32, "float16": np.float16}
 _ORT = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "rtx": "NvTensorRTRTXExecutionProvider",
              "trt": "TensorrtExecutionProvider"}
-BOUND_MAX_N = 64       # step sizes up to this keep their buffers and binding (decode, verify, catch-up feeds)
-GRAPH_MAX_N = 33       # ... and up to this get a captured CUDA graph (k + 1 tokens, k <= 32)
+# Step sizes up to k + 1 (k <= 32) keep their buffers and binding, and get a captured CUDA graph: decode, verify and
+# the draft's catch-up feeds. Longer steps (prompts) allocate per call and run without a graph.
+BOUND_MAX_N = 33
 
 
 def make_session(path: str, provider: str = "cpu", threads: int = 0, cuda_graph: bool = False,
@@ -69,7 +70,7 @@ class _Step:
     ids: np.ndarray                          # (1, n) int64, host
     ids_ov: ort.OrtValue
     logits: np.ndarray | None                # (1, n, vocab), host (CPU only)
-    logits_ov: ort.OrtValue | None           # None: onnxruntime allocates it (long prompts on a GPU)
+    logits_ov: ort.OrtValue
     argmax: np.ndarray | None                # (1, n) int64, host (CPU only)
     argmax_ov: ort.OrtValue | None
     run_options: ort.RunOptions | None       # selects the captured CUDA graph for this n
@@ -130,11 +131,13 @@ class KVModel:
         s, cpu = self.spec, self.device == "cpu"
         b = self.session.io_binding()
         ids = np.zeros((1, n), np.int64)
-        st = _Step(b, ids, self._wrap(ids), None, None, None, None, None)
-        if cpu or n <= BOUND_MAX_N:
-            st.logits = np.empty((1, n, s.vocab_size), self._logits_dtype)
-            st.logits_ov = self._wrap(st.logits) if cpu else ort.OrtValue.ortvalue_from_shape_and_type(
-                st.logits.shape, self._logits_dtype, "cuda", 0)
+        st = _Step(b, ids, self._wrap(ids), None, None, None, None, None)  # filled below
+        shape = (1, n, s.vocab_size)
+        if cpu:
+            st.logits = np.empty(shape, self._logits_dtype)
+            st.logits_ov = self._wrap(st.logits)
+        else:  # never staged on the host: read back only when asked for
+            st.logits_ov = ort.OrtValue.ortvalue_from_shape_and_type(shape, self._logits_dtype, self.device, 0)
         if self._has_argmax:
             st.argmax = np.zeros((1, n), np.int64)
             st.argmax_ov = self._wrap(st.argmax)
@@ -144,16 +147,13 @@ class KVModel:
             for j, (past, present) in enumerate([(s.past_key, s.present_key), (s.past_value, s.present_value)]):
                 b.bind_ortvalue_input(past.format(i=i), self._kv[2 * i + j])
                 b.bind_ortvalue_output(present.format(i=i), self._kv[2 * i + j])
-        if st.logits_ov is not None:
-            b.bind_ortvalue_output("logits", st.logits_ov)
-        else:
-            b.bind_output("logits", self.device)  # a long prompt: let onnxruntime allocate, never read it back
+        b.bind_ortvalue_output("logits", st.logits_ov)
         if st.argmax_ov is not None:
             b.bind_ortvalue_output("argmax", st.argmax_ov)
         if self.cuda_graph:
-            # One captured graph per step size; a prompt of another length runs without one (-1).
+            # One captured graph per step size; a prompt runs without one (-1).
             st.run_options = ort.RunOptions()
-            st.run_options.add_run_config_entry("gpu_graph_id", str(n) if n <= GRAPH_MAX_N else "-1")
+            st.run_options.add_run_config_entry("gpu_graph_id", str(n) if n <= BOUND_MAX_N else "-1")
         if n <= BOUND_MAX_N:  # keep decode/verify sizes, not every prompt length
             self._steps[n] = st
         return st
