@@ -36,9 +36,15 @@ def ensure_env() -> Path:
     python, log = env / "bin" / "python", env.with_name(env.name + ".log")
     if (env / ".ready").exists():
         return python
+    why = (f"could not create the ModelOpt environment for FP8 at {env}: it needs a writable folder and PyPI access "
+           f"once, or set SPECEDGE_MODELOPT_ENV to a venv with {MODELOPT}")
     shutil.rmtree(env, ignore_errors=True)
-    env.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as f:
+    try:
+        env.parent.mkdir(parents=True, exist_ok=True)
+        f = open(log, "w")
+    except OSError as e:
+        raise ExportError(f"{why} ({e})") from e
+    with f:
         for cmd in ([sys.executable, "-m", "venv", str(env)],
                     [str(python), "-m", "pip", "install", "-q", TORCH],
                     [str(python), "-m", "pip", "install", "-q", MODELOPT]):
@@ -46,8 +52,7 @@ def ensure_env() -> Path:
             f.flush()
             if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode:
                 shutil.rmtree(env, ignore_errors=True)
-                raise ExportError(f"could not create the ModelOpt environment for FP8 at {env} (see {log}); "
-                                  f"it needs PyPI access once, or set SPECEDGE_MODELOPT_ENV to a venv with {MODELOPT}")
+                raise ExportError(f"{why} (see {log})")
     (env / ".ready").touch()
     return python
 

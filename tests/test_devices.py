@@ -85,6 +85,16 @@ def test_device_precision_errors(checkpoints, tmp_path, opts, match):
     assert not (tmp_path / "b").exists()
 
 
+def test_fp8_environment_failure_is_explained(checkpoints, tmp_path, monkeypatch):
+    """ModelOpt's environment cannot be created (here: its path runs through a file): a clear error, nothing written."""
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("SPECEDGE_MODELOPT_ENV", str(tmp_path / "a-file" / "venv"))
+    t, d = checkpoints("llama")
+    with pytest.raises(ExportError, match="could not create the ModelOpt environment for FP8"):
+        export_bundle(ExportOptions(target=t, draft=d, out=tmp_path / "b", device="trt", max_length=64))
+    assert not (tmp_path / "b").exists()
+
+
 def test_gpt2_cannot_go_to_cuda(checkpoints, tmp_path):
     t, d = checkpoints("gpt2")
     with pytest.raises(ExportError, match="not supported by onnxruntime-genai's model builder"):
