@@ -39,17 +39,17 @@ def check_graph(spec: ModelSpec, bundle: Path, prompts: list[list[int]], referen
     model = KVModel(spec, make_session(str(bundle / spec.graph), "cpu"))
     dmax, agree, total, step_dmax, step_agree, step_total = 0.0, 0, 0, 0.0, 0, 0
     for ids, ref in zip(prompts, reference):
-        model.pos = 0
+        model.rewind(0)
         full = model.forward(ids).copy()                                   # (n, V), one pass from an empty cache
         dmax = max(dmax, float(np.abs(full - ref).max()))
         agree += int((full.argmax(-1) == ref.argmax(-1)).sum())
         total += len(ids)
         # verification step: prefix, then VERIFY_LEN tokens at once vs the same tokens one at a time
         cut = max(1, len(ids) - VERIFY_LEN)
-        model.pos = 0
+        model.rewind(0)
         model.forward(ids[:cut])
         multi = model.forward(ids[cut:]).copy()
-        model.pos = cut
+        model.rewind(cut)
         single = np.stack([model.forward(ids[i : i + 1])[0].copy() for i in range(cut, len(ids))])
         step_dmax = max(step_dmax, float(np.abs(multi - single).max()))
         step_agree += int((multi.argmax(-1) == single.argmax(-1)).sum())

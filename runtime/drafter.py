@@ -48,4 +48,4 @@ class ModelDrafter:
 
     def accepted(self, n):
         # The cache holds tokens + draft[:k-1]; keep tokens + draft[:n]. Setting an integer is the whole rewind.
-        self.model.pos = min(self.model.pos, self.base + n)
+        self.model.rewind(min(self.model.pos, self.base + n))

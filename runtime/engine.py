@@ -124,7 +124,7 @@ class Engine:
     def forget(self) -> None:
         """Drop the cached prefix (the next request prefills from scratch): for cold-start measurements."""
         for m in (self.target, self.draft):
-            m.pos, m.seen = 0, []
+            m.reset()
 
     def make_drafter(self, c: GenerationConfig, rng: np.random.Generator) -> Drafter:
         """The bundle's draft model, sampling with the request's settings (the same processing as the target's)."""
@@ -282,7 +282,7 @@ class Generator:
             q = distribution(e.target.forward(ids), c.temperature, c.top_k, c.top_p)  # (k+1, V)
             n, nxt = verify_sampled(draft, *_same_width(p, q), self.rng)
         # 4. rewind both caches to the accepted length: an integer each, no copies
-        e.target.pos -= k - n
+        e.target.rewind(e.target.pos - (k - n))
         self.drafter.accepted(n)
         t2 = time.perf_counter()
         s.draft_ms += 1e3 * (t1 - t0)

@@ -201,6 +201,17 @@ class KVModel:
             return logits[0].argmax(-1)
         return None if want is None else logits[0].astype(np.float32, copy=False)
 
+    def rewind(self, pos: int) -> None:
+        """Keep the first `pos` cached tokens and forget the rest: the only way a cache position moves back."""
+        if not 0 <= pos <= self.pos:
+            raise InvalidArgument(f"cannot rewind {self.spec.role} cache to {pos}: it holds {self.pos} tokens")
+        self.pos = pos
+
+    def reset(self) -> None:
+        """Forget everything (the next request prefills from scratch)."""
+        self.rewind(0)
+        self.seen = []
+
     def reuse(self, tokens: list[int]) -> int:
         """Rewind to the longest cached prefix of `tokens`, leaving at least one token to feed; return it."""
         keep = min(self.pos, len(tokens) - 1)

@@ -13,7 +13,7 @@ from .sampling import distribution
 
 def next_logits(model: KVModel, tokens: list[int]) -> np.ndarray:
     """Logits [V] for the token after `tokens`, computed from scratch."""
-    model.pos = 0
+    model.reset()
     return model.forward(tokens)[-1].copy()
 
 

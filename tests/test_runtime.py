@@ -46,7 +46,7 @@ class SelfDrafter:
         return draft, None
 
     def accepted(self, n):
-        self.model.pos = min(self.model.pos, self.base + n)
+        self.model.rewind(min(self.model.pos, self.base + n))
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -100,7 +100,7 @@ def test_kvmodel(exported):
     m = KVModel(spec, make_session(str(path)))
     assert np.abs(m.forward(ids[:7]) - ref[:7]).max() < TOL
     assert np.abs(m.forward(ids[7:12]) - ref[7:12]).max() < TOL
-    m.pos = 9                                                          # rewind: the view drops rows 9..11
+    m.rewind(9)                                                         # rewind: the view drops rows 9..11
     assert np.abs(m.forward(ids[9:10]) - ref[9:10]).max() < TOL
     assert np.abs(m.forward(ids[10:]) - ref[10:]).max() < TOL
     assert m.pos == T

@@ -51,18 +51,18 @@ def tau(alpha: float, k: int) -> float:
 
 def step_costs(model: KVModel, sizes: list[int], past: int, repeats: int = 15) -> dict[int, float]:
     """Median ms of one forward of n tokens on top of `past` cached tokens, for each n."""
-    model.pos = 0
+    model.reset()
     model.forward(list(range(3, 3 + past)), want=None)
     out = {}
     for n in sizes:
         times = []
         for _ in range(repeats):
-            model.pos = past
+            model.rewind(past)
             t = time.perf_counter()
             model.forward([5] * n, want="argmax")  # what a greedy step reads back
             times.append(time.perf_counter() - t)
         out[n] = 1e3 * float(np.median(times))
-    model.pos = 0
+    model.reset()
     return out
 
 
