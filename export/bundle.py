@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import platform
 import shutil
 import tempfile
@@ -29,34 +30,101 @@ class ExportOptions:
     k: int = 4                            # default draft length recorded in the manifest
 
 
-def export_bundle(o: ExportOptions, progress=None) -> Manifest:
-    """Write the bundle to o.out, or raise leaving o.out exactly as it was. `progress(step, total, text)` reports."""
+def export_bundle(o: ExportOptions, progress=None, log=None) -> Manifest:
+    """Write the bundle to o.out, or raise leaving o.out exactly as it was. `progress(step, total, text)` reports
+    the steps; `log(text)` receives one-off notes (stale leftovers removed)."""
     say = progress or (lambda i, n, text: None)
     tp, dp = _precisions(o)
     out = Path(o.out)
     if out.exists() and not o.force:
         raise InvalidArgument(f"{out} already exists: pass --force to replace it (the old bundle is kept until the "
                               f"new one is complete)")
-    say(0, 6, "checking compatibility")
-    verdict = check_pair(Path(o.target), Path(o.draft))
-    require_compatible(verdict)
-    for info in (verdict.target, verdict.draft):
-        limit = _max_positions(Path(info.path))
-        if limit and o.max_length > limit:
-            raise InvalidArgument(f"--max-length {o.max_length} exceeds {info.path}'s max_position_embeddings "
-                                  f"({limit}); use --max-length {limit} or less")
-    if o.max_length < 16:
-        raise InvalidArgument(f"--max-length {o.max_length} is too small; use at least 16")
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    if out.is_file() or out.is_symlink() or (out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file()):
+        # --force replaces a bundle, never a file or a folder of something else (think --out ~ --force)
+        raise InvalidArgument(f"{out} exists and is not a specedge bundle: --force only replaces bundles; choose "
+                              f"another --out")
+    tmp, created = _make_partial(out, log or (lambda text: None))
     try:
+        say(0, 6, "checking compatibility")
+        verdict = check_pair(Path(o.target), Path(o.draft))
+        require_compatible(verdict)
+        for info in (verdict.target, verdict.draft):
+            limit = _max_positions(Path(info.path))
+            if limit and o.max_length > limit:
+                raise InvalidArgument(f"--max-length {o.max_length} exceeds {info.path}'s max_position_embeddings "
+                                      f"({limit}); use --max-length {limit} or less")
+        if o.max_length < 16:
+            raise InvalidArgument(f"--max-length {o.max_length} is too small; use at least 16")
         manifest = _build(o, tp, dp, verdict, tmp, say)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp made it 0700: give the bundle an ordinary folder's permissions
         _replace(tmp, out)
         return manifest
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for d in created:  # folders made for --out's parent: a failed export leaves nothing behind
+            try:
+                d.rmdir()
+            except OSError:
+                break
         raise
+
+
+# Hidden siblings of the destination while an export runs: .NAME.partial-PID-xxxx (the bundle being built) and
+# .NAME.old-PID-xxxx (the previous bundle during the swap). The PID in the name says whether they are still in use.
+STALE_AFTER_S = 3600  # leftovers without a PID (older versions of this tool) are stale after an hour
+
+
+def _make_partial(out: Path, log) -> tuple[Path, list[Path]]:
+    """Remove stale leftovers of interrupted exports to `out`, then create the temporary folder beside it.
+    Returns (the folder, the ancestors of `out` created for it, deepest first)."""
+    created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        for stale in stale_leftovers(out):
+            shutil.rmtree(stale)
+            log(f"removed {stale.name}, left beside {out.name} by an interrupted export")
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent)), created
+    except OSError as e:
+        raise InvalidArgument(f"cannot create the bundle in {out.parent} ({e.strerror or e}): choose an --out in a "
+                              f"folder you can write to") from e
+
+
+def stale_leftovers(out: Path) -> list[Path]:
+    """The .NAME.partial-* / .NAME.old-* folders beside `out` whose exporting process is gone."""
+    stale = []
+    for p in sorted(out.parent.glob(f".{out.name}.partial-*")) + sorted(out.parent.glob(f".{out.name}.old-*")):
+        if not p.is_dir() or p.is_symlink():
+            continue
+        pid, dash, _ = p.name[len(out.name) + 2:].partition("-")[2].partition("-")  # "partial-PID-xxxx" -> PID
+        if dash and pid.isdigit():
+            if not _alive(int(pid)):
+                stale.append(p)
+        elif time.time() - p.stat().st_mtime > STALE_AFTER_S:
+            stale.append(p)
+    return stale
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _umask() -> int:
+    """The process umask, read without setting it (os.umask can only swap it, which races with other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _precisions(o: ExportOptions) -> tuple[str, str]:
@@ -136,9 +204,14 @@ def _replace(tmp: Path, out: Path) -> None:
     """Swap the finished bundle in with renames, so no reader ever sees half a bundle."""
     old = None
     if out.exists():
-        old = out.with_name(f".{out.name}.old-{int(time.time())}")
+        old = out.with_name(f".{out.name}.old-{os.getpid()}-{int(time.time())}")
         out.rename(old)
-    tmp.rename(out)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        if old:
+            old.rename(out)  # put the previous bundle back
+        raise
     if old:
         shutil.rmtree(old, ignore_errors=True)
 

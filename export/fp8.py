@@ -59,6 +59,8 @@ def ensure_env() -> Path:
 
 def quantize_fp8(path: Path, calibration: dict[str, np.ndarray], log: Path) -> None:
     """Replace the fp32 graph at `path` by its FP8 Q/DQ version calibrated on `calibration` (input name -> array)."""
+    from .graphs import die_with_parent
+
     python = ensure_env()
     work = path.parent / ".fp8"
     work.mkdir()
@@ -69,7 +71,7 @@ def quantize_fp8(path: Path, calibration: dict[str, np.ndarray], log: Path) -> N
     with open(log, "a") as f:
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
-        r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=work)
+        r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=work, preexec_fn=die_with_parent)
     if r.returncode or not (work / "model.onnx").exists():
         tail = "".join(open(log).readlines()[-10:])
         raise ExportError(f"ModelOpt FP8 quantization of {path.parent.name} failed (exit {r.returncode}); last lines "

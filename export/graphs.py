@@ -25,6 +25,16 @@ PRECISIONS = ("fp32", "fp16", "int8", "int4", "fp8")
 BUILDER_EP = {"cpu": "cpu", "cuda": "cuda", "rtx": "NvTensorRtRtx"}
 
 
+def die_with_parent() -> None:
+    """preexec_fn for the builder and ModelOpt subprocesses: on Linux they get SIGKILL when the export dies, so a
+    killed export leaves no orphan writing into its temporary folder (which the next export removes)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+
+
 def build_graph(model_dir: Path, out_dir: Path, precision: str, device: str, log: Path,
                 calibration: list[list[int]] = ()) -> dict:
     """Export model_dir into out_dir/model.onnx; return the graph facts for the manifest (without role/params).
@@ -51,7 +61,8 @@ def _builder(model_dir: Path, out_dir: Path, precision: str, device: str, log: P
     with open(log, "a") as f:
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
-        r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                           preexec_fn=die_with_parent)
     shutil.rmtree(cache, ignore_errors=True)
     if r.returncode != 0:
         tail = "".join(open(log).readlines()[-15:])

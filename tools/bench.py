@@ -25,7 +25,7 @@ def load_prompts(paths: list[Path]) -> list[str]:
     for path in paths:
         path = Path(path)
         if not path.is_file():
-            raise InvalidArgument(f"prompts file {path} does not exist")
+            raise InvalidArgument(f"prompts file {path} does not exist or is not a regular file")
         try:
             text = path.read_bytes().decode("utf-8")
         except UnicodeDecodeError as e:
@@ -34,9 +34,13 @@ def load_prompts(paths: list[Path]) -> list[str]:
             for i, line in enumerate(text.splitlines(), 1):
                 if line.strip():
                     try:
-                        prompts.append(json.loads(line)["prompt"])
+                        prompt = json.loads(line)["prompt"]
                     except (json.JSONDecodeError, KeyError, TypeError) as e:
                         raise InvalidArgument(f"{path}:{i}: expected a JSON object with a \"prompt\" field") from e
+                    if not isinstance(prompt, str):
+                        raise InvalidArgument(f"{path}:{i}: \"prompt\" must be a string, got "
+                                              f"{type(prompt).__name__} {json.dumps(prompt)[:40]}")
+                    prompts.append(prompt)
         else:
             prompts.append(text)
     if not prompts or not all(prompts):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -19,6 +20,53 @@ class _Group(click.Group):
             sys.exit(2)
 
 
+class FiniteFloat(click.FloatRange):
+    """A float range that also refuses NaN and the infinities (click's FloatRange lets them through)."""
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return rv
+
+
+POSITIVE = FiniteFloat(min=0, min_open=True)
+TOKENS = click.IntRange(min=1)    # a token count
+K = click.IntRange(1, 32)         # draft tokens per round (the runtime's MAX_K)
+CHECKPOINT = click.Path(exists=True, file_okay=False, path_type=Path)
+INPUT_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+
+def _no_empty(ctx, param, value):
+    """Callback: refuse an empty string (alone or in a repeated option), which would otherwise be ignored."""
+    for v in value if isinstance(value, tuple) else (value,):
+        if v == "":
+            raise click.BadParameter("must not be empty.", ctx, param)
+    return value
+
+
+def _output_file(ctx, param, value):
+    """Callback: a file to write at the end of a long run; refuse up front what would fail only then."""
+    if value is not None:
+        if value.is_dir():
+            raise click.BadParameter(f"{value} is a folder; give a file name.", ctx, param)
+        if not value.parent.is_dir():
+            raise click.BadParameter(f"folder {value.parent} does not exist.", ctx, param)
+    return value
+
+
+def _prompts(ctx, param, value):
+    """Callback: read the prompt files now, so a bad line is a usage error before any model is loaded."""
+    from . import bench as b
+    from ..runtime.errors import InvalidArgument
+
+    try:
+        b.load_prompts(list(value))
+    except InvalidArgument as e:
+        raise click.BadParameter(str(e), ctx, param) from e
+    return value
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="specedge")
 def main():
@@ -34,8 +82,8 @@ def main():
 
 
 @main.command()
-@click.option("--target", type=click.Path(path_type=Path), required=True, help="Target checkpoint folder (HF).")
-@click.option("--draft", type=click.Path(path_type=Path), required=True, help="Draft checkpoint folder (HF).")
+@click.option("--target", type=CHECKPOINT, required=True, help="Target checkpoint folder (HF).")
+@click.option("--draft", type=CHECKPOINT, required=True, help="Draft checkpoint folder (HF).")
 @click.option("--json", "as_json", is_flag=True, help="Print the verdict as JSON.")
 def check(target, draft, as_json):
     """Is DRAFT a usable draft for TARGET? Exits 1 when the pair is incompatible.
@@ -64,8 +112,8 @@ def check(target, draft, as_json):
 
 
 @main.command()
-@click.option("--target", type=click.Path(path_type=Path), required=True, help="Target checkpoint folder (HF).")
-@click.option("--draft", type=click.Path(path_type=Path), required=True, help="Draft checkpoint folder (HF).")
+@click.option("--target", type=CHECKPOINT, required=True, help="Target checkpoint folder (HF).")
+@click.option("--draft", type=CHECKPOINT, required=True, help="Draft checkpoint folder (HF).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Bundle folder to write.")
 @click.option("--target-precision", type=click.Choice(["fp32", "fp16", "int8", "int4"]), default=None,
               help="Default: fp32 on cpu/trt, fp16 on cuda/rtx (fp16 is refused on cpu).")
@@ -76,7 +124,7 @@ def check(target, draft, as_json):
                    "trt (native TensorRT via onnxruntime).")
 @click.option("--max-length", type=click.IntRange(16, None), default=2048, show_default=True,
               help="Context length (prompt + response) the KV buffers hold.")
-@click.option("--k", type=click.IntRange(1, 32), default=4, show_default=True, help="Default draft length.")
+@click.option("--k", type=K, default=4, show_default=True, help="Default draft length.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle (atomically).")
 def export(target, draft, out, target_precision, draft_precision, device, max_length, k, force):
     """Check, export and validate a pair into one bundle folder.
@@ -85,15 +133,23 @@ def export(target, draft, out, target_precision, draft_precision, device, max_le
     Example:
       spec-export export --target ./llama-1b --draft ./llama-60m --out ./bundle --max-length 1024
     """
+    import signal
+
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ..export.bundle import ExportOptions, export_bundle
 
     opts = ExportOptions(target=target, draft=draft, out=out, target_precision=target_precision,
                          draft_precision=draft_precision, device=device, max_length=max_length, force=force, k=k)
-    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), transient=True) as bar:
-        task = bar.add_task("export", total=6)
-        m = export_bundle(opts, progress=lambda i, n, text: bar.update(task, completed=i, description=text))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a terminated export cleans up like an interrupted one
+    note = lambda text: click.echo(text, err=True)  # noqa: E731
+    if not sys.stderr.isatty():  # CI logs and pipes: one line per step instead of a live bar
+        m = export_bundle(opts, progress=lambda i, n, text: note(f"[{i}/{n}] {text}"), log=note)
+    else:
+        with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), transient=True) as bar:
+            task = bar.add_task("export", total=6)
+            m = export_bundle(opts, progress=lambda i, n, text: bar.update(task, completed=i, description=text),
+                              log=bar.console.print)
     click.echo(describe(m, out))
     click.secho(f"bundle written to {out}", fg="green")
 
@@ -134,16 +190,15 @@ def describe(m, bundle) -> str:
 
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--prompt", help="Prompt text.")
-@click.option("--prompt-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Read the prompt from a UTF-8 file.")
-@click.option("--max-new-tokens", type=int, default=128, show_default=True)
-@click.option("--k", type=int, default=None, help="Draft tokens per round (default: the bundle's).")
-@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
-@click.option("--top-k", type=int, default=0, show_default=True)
-@click.option("--top-p", type=float, default=1.0, show_default=True)
-@click.option("--seed", type=int, default=None)
-@click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option("--prompt", callback=_no_empty, help="Prompt text.")
+@click.option("--prompt-file", type=INPUT_FILE, help="Read the prompt from a UTF-8 file.")
+@click.option("--max-new-tokens", type=TOKENS, default=128, show_default=True)
+@click.option("--k", type=K, default=None, help="Draft tokens per round (default: the bundle's).")
+@click.option("--temperature", type=FiniteFloat(min=0), default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 = off.")
+@click.option("--top-p", type=FiniteFloat(0, 1, min_open=True), default=1.0, show_default=True, help="1 = off.")
+@click.option("--seed", type=click.IntRange(min=0), default=None)
+@click.option("--stop", multiple=True, callback=_no_empty, help="Stop string (repeatable).")
 @click.option("--no-speculation", is_flag=True, help="Plain decoding with the target only.")
 @click.option("--stream", is_flag=True, help="Print text as it is generated.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "rtx", "trt"]), default=None,
@@ -169,6 +224,11 @@ def generate(bundle, prompt, prompt_file, max_new_tokens, k, temperature, top_k,
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, k=k, temperature=temperature, top_k=top_k, top_p=top_p,
                            seed=seed, stop=tuple(stop), speculative=False if no_speculation else None)
     engine = Engine(bundle, provider)
+    room = engine.max_length - len(engine.encode(prompt))
+    if 0 < room < max_new_tokens:  # not an error: generation runs to the end of the context (finish: context_full)
+        click.echo(f"note: --max-new-tokens {max_new_tokens} does not fit: the bundle's context holds "
+                   f"{engine.max_length} tokens and the prompt uses {engine.max_length - room}, so at most {room} "
+                   f"new tokens", err=True)
     on_text = (lambda d: click.echo(d, nl=False)) if stream and not as_json else None
     r = engine.generate(prompt, cfg, on_text=on_text)
     if as_json:
@@ -191,21 +251,23 @@ def _ints(text: str) -> tuple[int, ...]:
     except ValueError as e:
         raise InvalidArgument(f"--k takes a comma-separated list of integers like 2,4,6, got {text!r}") from e
     if not all(1 <= k <= 32 for k in ks):
-        raise InvalidArgument(f"every k must be between 1 and 32, got {text!r}")
+        raise InvalidArgument(f"--k: every k must be between 1 and 32, got {text!r}")
     return ks
 
 
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--prompts", "prompt_files", type=click.Path(path_type=Path), multiple=True, required=True,
+@click.option("--prompts", "prompt_files", type=INPUT_FILE, multiple=True, required=True, callback=_prompts,
               help="JSON lines with a 'prompt' field, or text files (one prompt each). Repeatable.")
-@click.option("--max-new-tokens", type=int, default=128, show_default=True)
+@click.option("--max-new-tokens", type=TOKENS, default=128, show_default=True)
 @click.option("--k", "k_list", default="2,4,6", show_default=True, help="Comma-separated draft lengths.")
-@click.option("--temperature", type=float, default=0.0, show_default=True)
+@click.option("--temperature", type=FiniteFloat(min=0), default=0.0, show_default=True)
 @click.option("--baselines", default="plain,spec", show_default=True,
               help="Comma-separated: plain, spec, ort-genai, ort-genai-plain, hf, hf-plain.")
-@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the report as JSON here.")
-@click.option("--plot", "plot_out", type=click.Path(path_type=Path), help="Write PNG plots here.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), callback=_output_file,
+              help="Write the report as JSON here.")
+@click.option("--plot", "plot_out", type=click.Path(path_type=Path), callback=_output_file,
+              help="Write PNG plots here.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "rtx", "trt"]), default=None,
               help="Where to run (default: the device the bundle was exported for).")
 def bench(bundle, prompt_files, max_new_tokens, k_list, temperature, baselines, json_out, plot_out, provider):
@@ -223,10 +285,11 @@ def bench(bundle, prompt_files, max_new_tokens, k_list, temperature, baselines, 
     prompts = b.load_prompts(list(prompt_files))
     names = tuple(x.strip() for x in baselines.split(",") if x.strip())
     unknown = set(names) - {"plain", "spec", "ort-genai", "ort-genai-plain", "hf", "hf-plain"}
-    if unknown:
+    if unknown or not names:
         from ..runtime.errors import InvalidArgument
 
-        raise InvalidArgument(f"unknown baseline(s) {', '.join(sorted(unknown))}")
+        raise InvalidArgument(f"--baselines: unknown baseline(s) {', '.join(sorted(unknown)) or '(none given)'}; "
+                              f"choose from plain, spec, ort-genai, ort-genai-plain, hf, hf-plain")
     with Progress(transient=True) as bar:
         task = bar.add_task("benchmarking", total=None)
         report = b.run_bench(bundle, prompts, max_new_tokens, _ints(k_list), temperature, names, provider=provider,
@@ -241,11 +304,11 @@ def bench(bundle, prompt_files, max_new_tokens, k_list, temperature, baselines, 
 
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--prompts", "prompt_files", type=click.Path(path_type=Path), multiple=True, required=True,
+@click.option("--prompts", "prompt_files", type=INPUT_FILE, multiple=True, required=True, callback=_prompts,
               help="JSON lines with a 'prompt' field, or text files (one prompt each). Repeatable.")
-@click.option("--drafts", type=click.Path(path_type=Path), multiple=True,
+@click.option("--drafts", type=click.Path(exists=True, file_okay=False, path_type=Path), multiple=True,
               help="Other bundles (same target, other drafts or draft precisions) to compare. Repeatable.")
-@click.option("--max-new-tokens", type=int, default=128, show_default=True)
+@click.option("--max-new-tokens", type=TOKENS, default=128, show_default=True)
 def tune(bundle, prompt_files, drafts, max_new_tokens):
     """Measure alpha and c on your prompts, pick k (and the draft), write the choice into the manifest.
 
@@ -271,10 +334,10 @@ def tune(bundle, prompt_files, drafts, max_new_tokens):
 
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--budget-ttft-ms", type=float, help="Fail if time to first token exceeds this.")
-@click.option("--budget-tpot-ms", type=float, help="Fail if time per output token exceeds this.")
-@click.option("--min-speedup", type=float, help="Fail if speculative/plain tokens/s is below this.")
-@click.option("--max-new-tokens", type=int, default=32, show_default=True)
+@click.option("--budget-ttft-ms", type=POSITIVE, help="Fail if time to first token exceeds this.")
+@click.option("--budget-tpot-ms", type=POSITIVE, help="Fail if time per output token exceeds this.")
+@click.option("--min-speedup", type=POSITIVE, help="Fail if speculative/plain tokens/s is below this.")
+@click.option("--max-new-tokens", type=TOKENS, default=32, show_default=True)
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "rtx", "trt"]), default=None,
               help="Where to run (default: the device the bundle was exported for).")
 def smoke(bundle, budget_ttft_ms, budget_tpot_ms, min_speedup, max_new_tokens, provider):
@@ -294,10 +357,10 @@ def smoke(bundle, budget_ttft_ms, budget_tpot_ms, min_speedup, max_new_tokens, p
 
 
 @main.command()
-@click.option("--workdir", type=click.Path(path_type=Path), default=Path(".specedge-demo"), show_default=True,
-              help="Where the demo pair and its bundle are cached.")
-@click.option("--max-new-tokens", type=int, default=64, show_default=True)
-@click.option("--k", type=int, default=4, show_default=True)
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path(".specedge-demo"),
+              show_default=True, help="Where the demo pair and its bundle are cached.")
+@click.option("--max-new-tokens", type=TOKENS, default=64, show_default=True)
+@click.option("--k", type=K, default=4, show_default=True)
 def demo(workdir, max_new_tokens, k):
     """Export the built-in demo pair (once) and autocomplete a code prompt: plain vs speculative.
 
