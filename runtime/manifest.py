@@ -4,8 +4,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
+import types
+import typing
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from .errors import BundleError
 
@@ -69,18 +72,94 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Manifest":
+        """Check every field (type, range, paths inside the bundle): a BundleError names the first bad one."""
+        if not isinstance(d, dict):
+            raise BundleError(f"the manifest must be a JSON object, got {_kind(d)}; re-export the bundle")
         v = d.get("schema_version")
         if v != SCHEMA_VERSION:
             raise BundleError(f"manifest schema version {v!r} is not supported (this specedge reads version "
                               f"{SCHEMA_VERSION}); re-export the bundle with this version of spec-export")
-        try:
-            tup = lambda x: {k: tuple(v) if isinstance(v, list) else v for k, v in x.items()}  # noqa: E731
-            return cls(target=ModelSpec(**tup(d["target"])), draft=ModelSpec(**tup(d["draft"])),
-                       tokenizer=TokenizerSpec(**tup(d["tokenizer"])), files=d["files"],
-                       compatibility=d.get("compatibility", {}), parity=d.get("parity", {}),
-                       tools=d.get("tools", {}), defaults=d.get("defaults", {}), schema_version=v)
-        except (KeyError, TypeError) as e:
-            raise BundleError(f"manifest is malformed ({e}); re-export the bundle") from e
+        top = _fields(cls, {k: x for k, x in d.items() if k not in ("target", "draft", "tokenizer")}, "",
+                      skip=("target", "draft", "tokenizer"))
+        for key in ("target", "draft", "tokenizer"):
+            if key not in d:
+                raise BundleError(f"manifest field {key!r} is missing; re-export the bundle")
+        specs = {role: ModelSpec(**_fields(ModelSpec, d[role], role)) for role in ("target", "draft")}
+        m = cls(**specs, tokenizer=TokenizerSpec(**_fields(TokenizerSpec, d["tokenizer"], "tokenizer")), **top)
+        for role, s in specs.items():
+            _check(s.role == role, f"{role}.role", f"must be {role!r}, got {s.role!r}")
+            _check(s.kv_layout in ("inplace", "concat"), f"{role}.kv_layout",
+                   f"must be 'inplace' or 'concat', got {s.kv_layout!r}")
+            for name in ("num_layers", "num_kv_heads", "head_dim", "vocab_size", "max_length"):
+                _check(getattr(s, name) >= 1, f"{role}.{name}", f"must be at least 1, got {getattr(s, name)}")
+            _check(_inside(s.graph), f"{role}.graph", f"must be a relative path inside the bundle, got {s.graph!r}")
+        for i, f in enumerate(m.tokenizer.files):
+            _check(_inside(f), f"tokenizer.files[{i}]", f"must be a relative path inside the bundle, got {f!r}")
+        for rel, digest in m.files.items():
+            _check(_inside(rel), f"files[{rel!r}]", "must be a relative path inside the bundle")
+            _check(bool(re.fullmatch(r"[0-9a-f]{64}", digest)), f"files[{rel!r}]",
+                   f"must be a sha256 hex digest, got {digest!r}")
+        from .engine import MAX_K  # here, not at the top: engine imports this module
+
+        k = m.defaults.get("k", 4)
+        _check(type(k) is int and 1 <= k <= MAX_K, "defaults.k", f"must be an integer from 1 to {MAX_K}, got {k!r}")
+        spec = m.defaults.get("speculative", True)
+        _check(type(spec) is bool, "defaults.speculative", f"must be true or false, got {spec!r}")
+        return m
+
+
+def _check(ok: bool, name: str, what: str) -> None:
+    if not ok:
+        raise BundleError(f"manifest field {name} {what}; re-export the bundle (or undo the edit)")
+
+
+def _kind(x) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(x), "a number" if isinstance(x, (int, float)) else type(x).__name__)
+
+
+def _inside(rel: str) -> bool:
+    p = PurePosixPath(rel)
+    return bool(rel) and not p.is_absolute() and ".." not in p.parts and "\\" not in rel
+
+
+def _fields(cls, d, where: str, skip: tuple[str, ...] = ()) -> dict:
+    """`d` checked against the dataclass `cls`'s annotations; errors name the field as where.name."""
+    if not isinstance(d, dict):
+        raise BundleError(f"manifest field {where} must be an object, got {_kind(d)}; re-export the bundle")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in skip}
+    name = lambda key: f"{where}.{key}" if where else key  # noqa: E731
+    for key in d:
+        _check(key in fields, name(key), "is unknown to this version of specedge")
+    out = {}
+    for key, f in fields.items():
+        if key in d:
+            out[key] = _value(hints[key], d[key], name(key))
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise BundleError(f"manifest field {name(key)} is missing; re-export the bundle")
+    return out
+
+
+def _value(tp, x, name: str):
+    """x as the annotated type tp (lists become tuples), or a BundleError naming the field and the expected type."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):  # X | None
+        if x is None and type(None) in args:
+            return None
+        return _value(next(a for a in args if a is not type(None)), x, name)
+    if origin is tuple:
+        _check(isinstance(x, list), name, f"must be a list, got {_kind(x)}")
+        return tuple(_value(args[0], e, f"{name}[{i}]") for i, e in enumerate(x))
+    if origin is dict or tp is dict:
+        _check(isinstance(x, dict), name, f"must be an object, got {_kind(x)}")
+        if args:
+            return {_value(args[0], k, name): _value(args[1], e, f"{name}[{k!r}]") for k, e in x.items()}
+        return x
+    ok = {int: type(x) is int, bool: type(x) is bool, str: type(x) is str, float: type(x) in (int, float)}[tp]
+    want = {int: "an integer", bool: "true or false", str: "a string", float: "a number"}[tp]
+    _check(ok, name, f"must be {want}, got {_kind(x)} {json.dumps(x)[:40]}")
+    return x
 
 
 def sha256(path: Path) -> str:
@@ -102,7 +181,10 @@ def load_manifest(bundle: Path, verify: bool = True) -> Manifest:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BundleError(f"{path} is corrupted ({e}); re-export the bundle") from e
-    m = Manifest.from_dict(data)
+    try:
+        m = Manifest.from_dict(data)
+    except BundleError as e:
+        raise BundleError(f"{path}: {e}") from e
     if verify:
         verify_files(bundle, m)
     return m
