@@ -159,7 +159,7 @@ def _build(o: ExportOptions, tp: str, dp: str, verdict, tmp: Path, say) -> Manif
 
     fp = tokenizer_fingerprint(Path(o.target))
     for f in fp["files"]:
-        shutil.copy(Path(o.target) / f, tmp / f)
+        shutil.copyfile(Path(o.target) / f, tmp / f)  # content only: modes from the umask, like every file here
     tok = Tokenizer.from_file(str(tmp / "tokenizer.json"))
     prompts = [tok.encode(p).ids[: o.max_length] for p in parity.PROMPTS]
     log = tmp / "export.log"
