@@ -136,26 +136,11 @@ class Engine:
     def generator(self, prompt: str | list[int] | None = None, config: GenerationConfig | None = None,
                   **options) -> "Generator":
         g = Generator(self, config or GenerationConfig(**options))
+        if prompt is not None and len(prompt) == 0:
+            raise InvalidArgument("the prompt is empty: give at least one character of text")
         if prompt is not None:
-            g.append_tokens(self.prompt_ids(prompt))
+            g.append_tokens(self.encode(prompt) if isinstance(prompt, str) else prompt)
         return g
-
-    def prompt_ids(self, prompt: str | list[int]) -> list[int]:
-        """A prompt's token ids, checked: an InvalidArgument here, never a tokenizer or onnxruntime error later."""
-        if isinstance(prompt, str):
-            if not prompt:
-                raise InvalidArgument("the prompt is empty: give at least one character of text")
-            return self.encode(prompt)
-        ints = isinstance(prompt, (list, tuple, np.ndarray)) and all(
-            isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt)
-        if not ints:
-            raise InvalidArgument(f"the prompt must be text (str) or a list of token ids (int), got "
-                                  f"{type(prompt).__name__} {str(prompt)[:40]}")
-        vocab = min(self.manifest.target.vocab_size, self.manifest.draft.vocab_size)  # rows both embeddings have
-        bad = [int(t) for t in prompt if not 0 <= t < vocab]
-        if bad:
-            raise InvalidArgument(f"prompt token id {bad[0]} is outside the vocabulary (0 to {vocab - 1})")
-        return [int(t) for t in prompt]
 
     def generate(self, prompt: str | list[int], config: GenerationConfig | None = None,
                  on_text: Callable[[str], None] | None = None, **options) -> Result:
