@@ -63,11 +63,11 @@ def bandwidth_gbs() -> float:
 
 def steps(bundle: Path, role: str, sizes: list[int], past: int, cuda_graph: bool) -> dict[int, float]:
     from specedge.runtime.manifest import load_manifest
-    from specedge.runtime.model import KVModel, make_session
+    from specedge.runtime.kv import open_model
     from specedge.tools.bench import step_costs
 
     spec = getattr(load_manifest(bundle), role)
-    model = KVModel(spec, make_session(str(bundle / spec.graph), "cuda", cuda_graph=cuda_graph), cuda_graph)
+    model = open_model(bundle, spec, "cuda", cuda_graph=cuda_graph)
     step_costs(model, sizes, past, repeats=3)  # capture the graphs first
     return step_costs(model, sizes, past, repeats=50)
 

@@ -19,15 +19,14 @@ from pathlib import Path
 import numpy as np
 
 from ..runtime.errors import ExportError
+from ..runtime.providers import cache_root
 
 MODELOPT = "nvidia-modelopt[onnx]==0.47.0"
 TORCH = "torch==2.13.0"   # installed first: ModelOpt depends on torch, and an unpinned one pulls a CUDA build
 
 
 def env_dir() -> Path:
-    return Path(os.environ.get("SPECEDGE_MODELOPT_ENV",
-                               Path(os.environ.get("SPECEDGE_CACHE", Path.home() / ".cache" / "specedge"))
-                               / "modelopt-venv"))
+    return Path(os.environ.get("SPECEDGE_MODELOPT_ENV", cache_root() / "modelopt-venv"))
 
 
 def ensure_env() -> Path:

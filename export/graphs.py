@@ -16,6 +16,8 @@ import numpy as np
 import onnx
 
 from ..runtime.errors import ExportError
+from .check import TOKENIZER_FILES
+from .torch_export import PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE
 
 # Architectures the builder handles with plain full attention (checked against onnxruntime-genai 0.18).
 BUILDER_ARCHS = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
@@ -68,13 +70,11 @@ def _builder(model_dir: Path, out_dir: Path, precision: str, device: str, log: P
         tail = "".join(open(log).readlines()[-15:])
         raise ExportError(f"onnxruntime-genai's model builder failed on {model_dir} (exit {r.returncode}); "
                           f"last lines of {log.name}:\n{tail}")
-    for extra in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-                  "chat_template.jinja", "added_tokens.json"):
+    for extra in TOKENIZER_FILES:
         (out_dir / extra).unlink(missing_ok=True)  # the bundle keeps one copy of the tokenizer, at its root
     genai = json.loads((out_dir / "genai_config.json").read_text())["model"]["decoder"]
     return dict(builder="onnxruntime-genai model builder",
-                past_key="past_key_values.{i}.key", past_value="past_key_values.{i}.value",
-                present_key="present.{i}.key", present_value="present.{i}.value",
+                past_key=PAST_KEY, past_value=PAST_VALUE, present_key=PRESENT_KEY, present_value=PRESENT_VALUE,
                 num_layers=genai["num_hidden_layers"], num_kv_heads=genai["num_key_value_heads"],
                 head_dim=genai["head_size"])
 

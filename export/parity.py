@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..runtime.manifest import ModelSpec
-from ..runtime.model import KVModel, make_session
+from ..runtime.kv import open_model
 
 PROMPTS = (
     "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n    a, b = 0, 1\n",
@@ -36,7 +36,7 @@ def check_graph(spec: ModelSpec, bundle: Path, prompts: list[list[int]], referen
     """Compare the graph with reference logits; returns the parity record stored in the manifest."""
     # On the CPU provider whatever the bundle's device: every graph the exporter writes runs there (fp16 and FP8
     # included), so validation is the same on a laptop, in CI and on the target machine.
-    model = KVModel(spec, make_session(str(bundle / spec.graph), "cpu"))
+    model = open_model(bundle, spec, "cpu")
     dmax, agree, total, step_dmax, step_agree, step_total = 0.0, 0, 0, 0.0, 0, 0
     for ids, ref in zip(prompts, reference):
         model.rewind(0)

@@ -1,6 +1,9 @@
 """The lean runtime: onnxruntime + numpy + tokenizers only (never torch or transformers)."""
-from .engine import Engine, GenerationConfig, Result, Stats
-from .errors import BundleError, IncompatibleModels, InvalidArgument, SpecError
+from .config import GenerationConfig, Result
+from .engine import Engine
+from .errors import BundleError, EngineBusy, IncompatibleModels, InvalidArgument, SpecError
+from .generator import Generator
+from .stats import Stats
 
-__all__ = ["Engine", "GenerationConfig", "Result", "Stats", "SpecError", "BundleError", "IncompatibleModels",
-           "InvalidArgument"]
+__all__ = ["Engine", "Generator", "GenerationConfig", "Result", "Stats", "SpecError", "BundleError", "EngineBusy",
+           "IncompatibleModels", "InvalidArgument"]

@@ -5,7 +5,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from .model import KVModel
+from .kv import KVModel
 from .sampling import distribution, sample
 
 

@@ -19,3 +19,7 @@ class InvalidArgument(SpecError):
 
 class ExportError(SpecError):
     """Building or validating a graph failed; nothing was written at the destination."""
+
+
+class EngineBusy(SpecError):
+    """The Engine is generating for another request: generations on one Engine are serialised."""

@@ -2,22 +2,21 @@
 from __future__ import annotations
 
 from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
 
 
 class TextStream:
     """Push token ids one at a time; get back only text that is final.
 
-    Byte-level BPE can split one character over several tokens; decoding such a prefix ends in U+FFFD, so text waits
-    until it does not. Decoders may also treat the first token specially (SentencePiece drops a leading space), so
-    new text is the difference between decoding ids[prefix:] and ids[prefix:read], a window of constant size.
-    A suffix that could still grow into a stop string is held back until it cannot.
+    tokenizers' own incremental decoder (DecodeStream) holds back a character split over several byte-level tokens
+    until it is complete; this class adds only the stop strings: a suffix that could still grow into one is held back
+    until it cannot, and nothing from a stop string on is ever shown.
     """
 
     def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = ()):
         self.tokenizer, self.stop = tokenizer, tuple(s for s in stop if s)
+        self._decoder = DecodeStream(skip_special_tokens=True)
         self.ids: list[int] = []
-        self.prefix = self.read = 0
-        self._before = ""       # decode(ids[prefix:read])
         self.text = ""          # final text so far; a stop string and what follows it are cut
         self.emitted = 0        # characters of `text` handed out
         self.stopped = False
@@ -27,7 +26,7 @@ class TextStream:
         if self.stopped:
             return ""
         self.ids.append(token)
-        self._decode(final=False)
+        self.text += self._decoder.step(self.tokenizer, token) or ""
         for s in self.stop:
             at = self.text.find(s, self.emitted)  # emitted text never holds a stop string's start
             if at >= 0:
@@ -38,16 +37,10 @@ class TextStream:
     def flush(self) -> str:
         """End of generation: release what was held back (an incomplete character decodes as U+FFFD now)."""
         if not self.stopped:
-            self._decode(final=True)
+            full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+            if len(full) > len(self.text) and full.startswith(self.text):
+                self.text = full
         return self._emit(len(self.text))
-
-    def _decode(self, final: bool) -> None:
-        after = self.tokenizer.decode(self.ids[self.prefix :], skip_special_tokens=True)
-        if len(after) > len(self._before) and (final or not after.endswith("\ufffd")):
-            self.text += after[len(self._before) :]
-            self.prefix, self.read = self.read, len(self.ids)
-            # decode(ids[prefix:read]) for the next token: one decode per token on the hot path, not two
-            self._before = self.tokenizer.decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
 
     def _emit(self, end: int) -> str:
         end = max(end, self.emitted)

@@ -13,7 +13,7 @@ import pytest
 from specedge.export.bundle import ExportOptions, export_bundle
 from specedge.runtime import Engine, reference
 from specedge.runtime.errors import ExportError, InvalidArgument
-from specedge.runtime.model import KVModel, make_session
+from specedge.runtime.kv import KVModel, open_model
 
 PROMPTS = ["d", "def add(a, b):\n    return", "import os\nimport sys\n\nclass Path:\n    def __init__(self, p):\n"]
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
@@ -21,7 +21,7 @@ HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 
 def oracle(engine: Engine, provider: str) -> KVModel:
     m = engine.manifest
-    return KVModel(m.target, make_session(str(engine.bundle / m.target.graph), provider))
+    return open_model(engine.bundle, m.target, provider)
 
 
 def assert_exact(engine: Engine, provider: str, ks=(1, 4, 8), n=24):

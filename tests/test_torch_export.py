@@ -12,7 +12,8 @@ pytest.importorskip("onnxscript")
 from specedge.export.torch_export import export_concat  # noqa: E402
 from specedge.models import tiny  # noqa: E402
 from specedge.runtime.manifest import ModelSpec  # noqa: E402
-from specedge.runtime.model import KVModel, make_session  # noqa: E402
+from specedge.runtime.kv import open_model  # noqa: E402
+from specedge.runtime.providers import make_session  # noqa: E402
 
 TOL = 1e-4
 T = 20
@@ -97,7 +98,7 @@ def test_kvmodel(exported):
                      present_value=info["present_value"], num_layers=info["num_layers"],
                      num_kv_heads=info["num_kv_heads"], head_dim=info["head_dim"], vocab_size=info["vocab_size"],
                      max_length=64, kv_dtype="float32", rewindable=True)
-    m = KVModel(spec, make_session(str(path)))
+    m = open_model(path.parent, spec)
     assert np.abs(m.forward(ids[:7]) - ref[:7]).max() < TOL
     assert np.abs(m.forward(ids[7:12]) - ref[7:12]).max() < TOL
     m.rewind(9)                                                         # rewind: the view drops rows 9..11

@@ -16,7 +16,7 @@ import numpy as np
 from ..runtime import Engine
 from ..runtime.errors import InvalidArgument, SpecError
 from ..runtime.manifest import load_manifest
-from ..runtime.model import KVModel
+from ..runtime.kv import KVModel
 
 
 def load_prompts(paths: list[Path]) -> list[str]:

@@ -1,0 +1,241 @@
+"""One exported decoder and its KV cache, one class per cache layout. The position is a host integer that changes
+in one guarded place (`_move`): a forward pass advances it, `rewind` moves it back, and rollback is nothing more.
+
+In-place layout (the model builder's GroupQueryAttention graphs): every buffer a step touches (token ids, the
+attention mask, the KV cache, logits, argmax) is allocated once on the session's device and bound through IOBinding,
+one binding per step size n; per step only the new ids and the mask cross from the host, and only what the caller
+asks for comes back (the greedy path reads n int64 argmax ids, never the logits). Fixed addresses per step size are
+what CUDA graphs need: with `cuda_graph=True` each decode/verify size is captured once and replayed afterwards.
+
+Concat layout (torch.onnx graphs): the graph returns past ++ new; rewinding slices a view. CPU only.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from .errors import InvalidArgument
+from .manifest import ModelSpec
+from .providers import make_session
+
+_NP = {"float32": np.float32, "float16": np.float16}
+_ORT = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+# Step sizes up to k + 1 (k <= 32) keep their buffers and binding, and get a captured CUDA graph: decode, verify and
+# the draft's catch-up feeds. Longer steps (prompts) allocate per call and run without a graph.
+BOUND_MAX_N = 33
+
+
+def open_model(bundle: str | Path, spec: ModelSpec, provider: str = "cpu", threads: int = 0,
+               cuda_graph: bool = False) -> "KVModel":
+    """The session for one of a bundle's graphs, driven by the class of its KV layout."""
+    session = make_session(str(Path(bundle) / spec.graph), provider, threads, cuda_graph, spec)
+    layouts = {"inplace": InplaceKV, "concat": ConcatKV}
+    if spec.kv_layout not in layouts:
+        raise InvalidArgument(f"{spec.graph} has an unknown KV layout {spec.kv_layout!r}; re-export the bundle")
+    return layouts[spec.kv_layout](spec, session, cuda_graph)
+
+
+class KVModel:
+    """Runs `forward(ids)` for the tokens at positions pos..pos+n-1. The cache holds the first `pos` tokens of the
+    sequence; the rows past it are overwritten by the next forward, because the mask (in-place) or the view (concat)
+    is derived from `pos`."""
+
+    def __init__(self, spec: ModelSpec, session: ort.InferenceSession):
+        self.spec, self.session = spec, session
+        self.device = "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        self._pos = 0
+        self.seen: list[int] = []     # token ids behind the cache rows; only seen[:pos] is meaningful
+        self.run_s = 0.0              # seconds spent inside session.run, for overhead accounting
+        outputs = {o.name: o.type for o in session.get_outputs()}
+        self._logits_dtype = _ORT[outputs["logits"]]
+        self._has_argmax = "argmax" in outputs
+
+    @property
+    def pos(self) -> int:
+        return self._pos
+
+    def _move(self, pos: int) -> None:
+        """The one place the position changes."""
+        if not 0 <= pos <= self.spec.max_length:
+            raise InvalidArgument(f"{self.spec.role} cache position {pos} is outside 0..{self.spec.max_length}")
+        self._pos = pos
+
+    def rewind(self, pos: int) -> None:
+        """Keep the first `pos` cached tokens and forget the rest: the only way a cache position moves back."""
+        if pos > self._pos:
+            raise InvalidArgument(f"cannot rewind the {self.spec.role} cache forward to {pos}: it holds {self._pos}")
+        self._move(pos)
+
+    def reset(self) -> None:
+        """Forget everything (the next request prefills from scratch)."""
+        self.rewind(0)
+        self.seen = []
+
+    def reuse(self, tokens: list[int]) -> int:
+        """Rewind to the longest cached prefix of `tokens`, leaving at least one token to feed; return it."""
+        keep = min(self._pos, len(tokens) - 1)
+        if self.seen[:keep] != tokens[:keep]:
+            keep = next(i for i, (a, b) in enumerate(zip(self.seen, tokens)) if a != b)
+        self.rewind(keep)
+        return keep
+
+    def forward(self, ids, want: str | None = "logits") -> np.ndarray | None:
+        """Run the tokens; return their logits (n, vocab) float32, their argmax (n,) int64, or nothing (None)."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)                  # (1, n)
+        n, p = ids.shape[1], self._pos
+        if n < 1 or p + n > self.spec.max_length:
+            raise InvalidArgument(f"{n} tokens at position {p} do not fit the {self.spec.role} cache "
+                                  f"({self.spec.max_length})")
+        t = time.perf_counter()
+        out = self._run(ids, p, n, want)
+        self.run_s += time.perf_counter() - t
+        self._move(p + n)
+        self.seen[p:] = ids[0].tolist()
+        return out
+
+    def _run(self, ids: np.ndarray, p: int, n: int, want: str | None) -> np.ndarray | None:
+        raise NotImplementedError
+
+    def _logits_out(self, logits: np.ndarray, want: str | None) -> np.ndarray | None:
+        """logits (1, n, V) → what the caller wants, for graphs without (or paths not reading) the argmax output."""
+        if want == "argmax":
+            return logits[0].argmax(-1)
+        return None if want is None else logits[0].astype(np.float32, copy=False)
+
+    def kv(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """Copies of the valid cache rows of one layer, (kv_heads, pos, head_dim) each: for tests and tools."""
+        k, v = self._layer(layer)
+        return k[0, :, : self._pos].copy(), v[0, :, : self._pos].copy()
+
+    def _layer(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def buffers(self) -> list[int]:
+        """Device addresses of the KV buffers: constant for the model's life (tests check nothing is reallocated)."""
+        return []
+
+
+@dataclass
+class _Step:
+    """What one step size n binds: ids (1, n) in; logits (1, n, vocab) and argmax (1, n) out. Host arrays are the
+    staging copies on a GPU and the buffers themselves on the CPU (the OrtValues wrap them without a copy)."""
+    binding: ort.IOBinding
+    ids: np.ndarray                          # (1, n) int64, host
+    ids_ov: ort.OrtValue
+    logits: np.ndarray | None                # (1, n, vocab), host (CPU only)
+    logits_ov: ort.OrtValue
+    argmax: np.ndarray | None                # (1, n) int64, host (CPU only)
+    argmax_ov: ort.OrtValue | None
+    run_options: ort.RunOptions | None       # selects the captured CUDA graph for this n
+
+
+class InplaceKV(KVModel):
+    """One fixed buffer per layer and kind, bound as both past input and present output (GroupQueryAttention writes
+    the new rows in place), and a fixed-length mask: ones for positions < pos + n, zeros after."""
+
+    def __init__(self, spec: ModelSpec, session: ort.InferenceSession, cuda_graph: bool = False):
+        super().__init__(spec, session)
+        self.cuda_graph = cuda_graph and self.device == "cuda"
+        s, L = spec, spec.max_length
+        # The mask's length never changes, so it is bound once (GroupQueryAttention counts the ones; the zeros hide
+        # stale rows past a rewind).
+        self._mask = np.zeros((1, L), np.int64)                                # (1, max_length)
+        self._mask_ov, self._ones = self._wrap(self._mask), 0
+        shape = (1, s.num_kv_heads, L, s.head_dim)
+        self._kv = [self._wrap(np.zeros(shape, _NP[s.kv_dtype])) for _ in range(2 * s.num_layers)]  # 2*layers x shape
+        self._steps: dict[int, _Step] = {}
+
+    def _wrap(self, a: np.ndarray) -> ort.OrtValue:
+        """The device buffer for host array `a`: the same memory on the CPU, a copy on the GPU."""
+        return ort.OrtValue.ortvalue_from_numpy(a, self.device, 0)
+
+    def _step(self, n: int) -> _Step:
+        st = self._steps.get(n)
+        if st is not None:
+            return st
+        s, cpu = self.spec, self.device == "cpu"
+        b = self.session.io_binding()
+        ids = np.zeros((1, n), np.int64)
+        shape = (1, n, s.vocab_size)
+        logits = np.empty(shape, self._logits_dtype) if cpu else None  # on a GPU: read back only when asked for
+        logits_ov = self._wrap(logits) if cpu else \
+            ort.OrtValue.ortvalue_from_shape_and_type(shape, self._logits_dtype, self.device, 0)
+        argmax = np.zeros((1, n), np.int64) if self._has_argmax else None
+        st = _Step(b, ids, self._wrap(ids), logits, logits_ov, argmax,
+                   self._wrap(argmax) if argmax is not None else None, None)
+        b.bind_ortvalue_input("input_ids", st.ids_ov)
+        b.bind_ortvalue_input("attention_mask", self._mask_ov)
+        for i in range(s.num_layers):
+            for j, (past, present) in enumerate([(s.past_key, s.present_key), (s.past_value, s.present_value)]):
+                b.bind_ortvalue_input(past.format(i=i), self._kv[2 * i + j])
+                b.bind_ortvalue_output(present.format(i=i), self._kv[2 * i + j])
+        b.bind_ortvalue_output("logits", st.logits_ov)
+        if st.argmax_ov is not None:
+            b.bind_ortvalue_output("argmax", st.argmax_ov)
+        if self.cuda_graph:
+            # One captured graph per step size; a prompt runs without one (-1).
+            st.run_options = ort.RunOptions()
+            st.run_options.add_run_config_entry("gpu_graph_id", str(n) if n <= BOUND_MAX_N else "-1")
+        if n <= BOUND_MAX_N:  # keep decode/verify sizes, not every prompt length
+            self._steps[n] = st
+        return st
+
+    def _run(self, ids, p, n, want):
+        st = self._step(n)
+        st.ids[0] = ids[0]
+        m = self._mask
+        m[0, p : p + n] = 1
+        m[0, p + n : self._ones] = 0     # rows past a rewind
+        self._ones = p + n
+        if self.device != "cpu":          # host -> device: n ids and the mask, nothing else
+            st.ids_ov.update_inplace(st.ids)
+            self._mask_ov.update_inplace(m)
+        self.session.run_with_iobinding(st.binding, st.run_options)
+        if want == "argmax" and st.argmax_ov is not None:
+            return (st.argmax if self.device == "cpu" else st.argmax_ov.numpy())[0]
+        if want is None:
+            return None
+        return self._logits_out(st.logits if self.device == "cpu" else st.logits_ov.numpy(), want)
+
+    def _layer(self, layer):
+        return self._kv[2 * layer].numpy(), self._kv[2 * layer + 1].numpy()
+
+    def buffers(self):
+        return [v.data_ptr() for v in self._kv]
+
+
+class ConcatKV(KVModel):
+    """present = concat(past, new) as fresh arrays. Keeping them and slicing [:pos] on rewind is free (a view); the
+    cost is inside the graph, which copies the whole cache on every step (Concat)."""
+
+    def __init__(self, spec: ModelSpec, session: ort.InferenceSession, cuda_graph: bool = False):
+        super().__init__(spec, session)
+        if self.device != "cpu":
+            raise InvalidArgument(f"{spec.graph} is a torch.onnx graph (concat KV), which runs on the CPU only; "
+                                  f"export a family the model builder supports for the GPU")
+        s, L = spec, spec.max_length
+        empty = np.zeros((1, s.num_kv_heads, 0, s.head_dim), _NP[s.kv_dtype])
+        self.cache = [empty] * (2 * s.num_layers)                          # 2*layers x (1, kv_heads, pos, head_dim)
+        self._mask = np.ones((1, L), np.int64)                             # (1, max_length); sliced to pos + n
+        self._pos_ids = np.arange(L, dtype=np.int64)[None]                 # (1, max_length)
+        self._outputs = ["logits"] + [t.format(i=i) for i in range(s.num_layers)
+                                      for t in (s.present_key, s.present_value)]
+
+    def _run(self, ids, p, n, want):
+        s = self.spec
+        feeds = {"input_ids": ids, "attention_mask": self._mask[:, : p + n]}
+        if "position_ids" in s.inputs:  # torch.onnx graphs take them; builder graphs derive them from the mask
+            feeds["position_ids"] = self._pos_ids[:, p : p + n]
+        for i in range(s.num_layers):
+            feeds[s.past_key.format(i=i)] = self.cache[2 * i][:, :, :p]
+            feeds[s.past_value.format(i=i)] = self.cache[2 * i + 1][:, :, :p]
+        out = self.session.run(self._outputs, feeds)
+        logits, self.cache = out[0], out[1:]
+        return self._logits_out(logits, want)
+
+    def _layer(self, layer):
+        return self.cache[2 * layer], self.cache[2 * layer + 1]

@@ -1,0 +1,81 @@
+"""What one generation measured: alpha, tau, k per round, the acceptance histogram, latencies."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Stats:
+    """Per request. alpha is the per-token acceptance probability of the theory (accepted / tested, where a round
+    tests tokens up to its first rejection); mean_accepted_length is tau, tokens committed per target pass."""
+    k: int = 0                        # the largest k a round may use
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    tested: int = 0
+    rounds_plain: int = 0             # of `rounds` (target passes): the ones without a draft (k = 0)
+    accept_hist: list[int] = field(default_factory=list)     # [n] drafting rounds that accepted n drafts, n = 0..k
+    reject_round_pos: list[int] = field(default_factory=list)  # [i] rejections at draft position i in a round
+    reject_token_pos: list[int] = field(default_factory=list)  # index in the response of each rejected draft
+    k_hist: list[int] = field(default_factory=list)          # [k] rounds that drafted k tokens, k = 0..k
+    prefill_ms: float = 0.0
+    draft_ms: float = 0.0
+    target_ms: float = 0.0
+    ort_ms: float = 0.0               # of draft_ms + target_ms + prefill_ms: inside onnxruntime
+    ttft_ms: float = 0.0
+    decode_ms: float = 0.0            # after the prefill until the last token
+    token_ms: list[float] = field(default_factory=list)      # time between consecutive tokens as committed
+
+    def __post_init__(self):
+        for name in ("accept_hist", "k_hist"):
+            if not getattr(self, name):
+                setattr(self, name, [0] * (self.k + 1))
+        if not self.reject_round_pos:
+            self.reject_round_pos = [0] * self.k
+
+    def round(self, k: int, n: int, response_len: int, draft_ms: float, target_ms: float) -> None:
+        """Count one target pass that tested k drafts and accepted n of them."""
+        self.rounds += 1
+        self.k_hist[k] += 1
+        self.draft_ms += draft_ms
+        self.target_ms += target_ms
+        if k == 0:
+            self.rounds_plain += 1
+            return
+        self.drafted, self.accepted = self.drafted + k, self.accepted + n
+        self.tested += n + (n < k)
+        self.accept_hist[n] += 1
+        if n < k:
+            self.reject_round_pos[n] += 1
+            self.reject_token_pos.append(response_len + n)
+
+    @property
+    def alpha(self) -> float:
+        return self.accepted / self.tested if self.tested else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        return self.new_tokens / self.rounds if self.rounds else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return 1e3 * self.new_tokens / self.decode_ms if self.decode_ms else 0.0
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.token_ms, q)) if self.token_ms else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("token_ms")
+        d.update(alpha=self.alpha, acceptance_rate=self.acceptance_rate,
+                 mean_accepted_length=self.mean_accepted_length, tokens_per_s=self.tokens_per_s,
+                 tpot_p50_ms=self.percentile(50), tpot_p90_ms=self.percentile(90), tpot_p99_ms=self.percentile(99))
+        return d
