@@ -10,6 +10,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from .config import MAX_K
 from .errors import BundleError
 
 SCHEMA_VERSION = 1
@@ -99,8 +100,6 @@ class Manifest:
             _check(_inside(rel), f"files[{rel!r}]", "must be a relative path inside the bundle")
             _check(bool(re.fullmatch(r"[0-9a-f]{64}", digest)), f"files[{rel!r}]",
                    f"must be a sha256 hex digest, got {digest!r}")
-        from .engine import MAX_K  # here, not at the top: engine imports this module
-
         k = m.defaults.get("k", 4)
         _check(type(k) is int and 1 <= k <= MAX_K, "defaults.k", f"must be an integer from 1 to {MAX_K}, got {k!r}")
         spec = m.defaults.get("speculative", True)

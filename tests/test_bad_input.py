@@ -280,10 +280,10 @@ def engine(ws):
     return Engine(ws["B"])
 
 
-@pytest.mark.parametrize("prompt", ["", [], 5, None, b"def", [-1], [10**9], ["a"], [1.5], [True]],
+@pytest.mark.parametrize("prompt", ["", [], 5, None, b"def", [-1], [10**9], ["a"], [1.5], {"a": 1}],
                          ids=lambda p: repr(p)[:20])
 def test_generate_refuses_bad_prompts(engine, prompt):
-    with pytest.raises(InvalidArgument, match="prompt"):
+    with pytest.raises(InvalidArgument, match="prompt|token ids"):
         engine.generate(prompt, max_new_tokens=4)
     assert engine.generate("def f(x):", max_new_tokens=4).finish_reason in ("length", "eos")  # still usable
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from specedge.export.bundle import ExportOptions, export_bundle, stale_leftovers
+from specedge.export.bundle import _make_partial, stale_leftovers
 from specedge.runtime import BundleError, Engine
 from specedge.runtime.manifest import load_manifest
 from specedge.tools.cli import main
@@ -153,7 +153,7 @@ def test_export_killed_at_every_stage(checkpoints, bundles, tmp_path):
     print(f"export faults injected: {faults}")
 
 
-def test_stale_leftovers_are_told_apart_from_live_ones(checkpoints, tmp_path):
+def test_stale_leftovers_are_told_apart_from_live_ones(tmp_path):
     """A folder is stale when the PID in its name is gone, or, without a PID (older versions), after an hour."""
     out = tmp_path / "b"
     dead = subprocess.Popen(["true"])
@@ -169,14 +169,12 @@ def test_stale_leftovers_are_told_apart_from_live_ones(checkpoints, tmp_path):
     os.utime(tmp_path / ".b.partial-oldfmt02", (two_hours_ago, two_hours_ago))
     assert sorted(p.name for p in stale_leftovers(out)) == sorted(n for n, s in names.items() if s)
 
-    target, draft = checkpoints("llama")
     notes = []
-    export_bundle(ExportOptions(target=target, draft=draft, out=out, max_length=32), log=notes.append)
-    assert len(notes) == 3 and all(n.startswith("removed .b.") for n in notes)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["b"] + [n for n, s in names.items() if not s])
-    umask = os.umask(0o022)
-    os.umask(umask)
-    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+    tmp, created = _make_partial(out, notes.append)   # what export_bundle does first
+    assert len(notes) == 3 and all(n.startswith("removed .b.") for n in notes) and created == []
+    assert tmp.name.startswith(f".b.partial-{os.getpid()}-")
+    tmp.rmdir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(n for n, s in names.items() if not s)
 
 
 @pytest.fixture(scope="module")
