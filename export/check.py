@@ -78,9 +78,13 @@ def _json(path: Path, default=None) -> dict:
                               f"at the folder written by save_pretrained (or a hub snapshot)")
         return default
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ExportError(f"{path} is not valid JSON ({e}); re-download or re-save the checkpoint") from e
+    if not isinstance(data, dict):
+        raise ExportError(f"{path} holds a JSON {type(data).__name__}, not an object; re-download or re-save the "
+                          f"checkpoint")
+    return data
 
 
 def _config(path: Path) -> dict:
@@ -177,7 +181,10 @@ def _read_tokenizer(path: Path) -> _Tok:
     if not f.is_file():
         raise ExportError(f"{path} has no tokenizer.json (the fast tokenizer file); load the tokenizer with "
                           f"transformers.AutoTokenizer and save_pretrained it into {path}")
-    tok = Tokenizer.from_file(str(f))
+    try:
+        tok = Tokenizer.from_file(str(f))
+    except Exception as e:  # the tokenizers library raises a bare Exception for any unreadable file
+        raise ExportError(f"{f} could not be read as a tokenizer ({e}); re-save the tokenizer into {path}") from e
     cfg = _config(path) if (path / "config.json").is_file() else {}  # a tokenizer-only folder has none
     gen, tcfg = _json(path / "generation_config.json", {}), _json(path / "tokenizer_config.json", {})
     specials = {}

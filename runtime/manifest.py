@@ -15,6 +15,7 @@ from .errors import BundleError
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+PARITY_NUMBERS = {"max_abs_logit_diff", "top1_agreement", "step_max_abs_diff", "step_top1_agreement"}
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,11 @@ class Manifest:
             _check(_inside(rel), f"files[{rel!r}]", "must be a relative path inside the bundle")
             _check(bool(re.fullmatch(r"[0-9a-f]{64}", digest)), f"files[{rel!r}]",
                    f"must be a sha256 hex digest, got {digest!r}")
+        for role, rec in m.parity.items():  # free-form records, but what `inspect` prints must be numbers
+            _check(isinstance(rec, dict), f"parity.{role}", f"must be an object, got {_kind(rec)}")
+            for key in PARITY_NUMBERS & rec.keys():
+                _check(type(rec[key]) in (int, float), f"parity.{role}.{key}", f"must be a number, got "
+                       f"{_kind(rec[key])}")
         k = m.defaults.get("k", 4)
         _check(type(k) is int and 1 <= k <= MAX_K, "defaults.k", f"must be an integer from 1 to {MAX_K}, got {k!r}")
         spec = m.defaults.get("speculative", True)

@@ -66,6 +66,16 @@ def ws(tmp_path_factory, bundles, checkpoints):
     locked = w / "locked.txt"
     locked.write_text("def f(x):")
     locked.chmod(0)
+    broken = {"CFGLIST": ("config.json", b"[1]"), "CFGNOTJSON": ("config.json", b"{"),
+              "TOKNONUTF8": ("tokenizer.json", b"\xff\xfe"), "NOTOK": ("tokenizer.json", None),
+              "NOWEIGHTS": ("model.safetensors", None)}
+    for name, (f, content) in broken.items():   # checkpoints broken in one file each
+        shutil.copytree(target, w / name.lower())
+        if content is None:
+            (w / name.lower() / f).unlink()
+        else:
+            (w / name.lower() / f).write_bytes(content)
+        paths[name] = w / name.lower()
     paths.update(B=bundles("llama"), T=target, D=draft, MISSING=w / "missing", DIR=w / "dir",
                  FILE=paths["GOOD"], NOTABUNDLE=w / "notabundle", EMPTYDIR=w / "emptydir", LOCKED=locked,
                  NEWOUT=w / "out", NOPARENT=w / "missing" / "report.json", W=w)
@@ -83,11 +93,18 @@ CASES = [
     ("check --target T", "--draft"),
     ("check --target EMPTYDIR --draft D", "has no config.json"),
     ("check --target T --draft D --json=x", "--json"),
+    ("check --target CFGLIST --draft D", "config.json holds a JSON list"),
+    ("check --target CFGNOTJSON --draft D", "config.json is not valid JSON"),
+    ("check --target T --draft TOKNONUTF8", "tokenizer.json could not be read"),
+    ("check --target NOTOK --draft D", "has no tokenizer.json"),
     # export
     ("export --target T --draft D", "--out"),
     ("export --target MISSING --draft D --out NEWOUT", "--target"),
     ("export --target T --draft FILE --out NEWOUT", "--draft"),
     ("export --target T --draft EMPTYDIR --out NEWOUT", "has no config.json"),
+    ("export --target CFGLIST --draft D --out NEWOUT", "config.json holds a JSON list"),
+    ("export --target T --draft TOKNONUTF8 --out NEWOUT", "tokenizer.json could not be read"),
+    ("export --target NOWEIGHTS --draft D --out NEWOUT", "has no *.safetensors weights"),
     ("export --target T --draft D --out B", "already exists: pass --force"),
     ("export --target T --draft D --out FILE --force", "not a specedge bundle"),
     ("export --target T --draft D --out NOTABUNDLE --force", "not a specedge bundle"),

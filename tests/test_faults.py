@@ -255,6 +255,8 @@ MANIFEST_EDITS = [
     (_set(["defaults", "speculative"], "no"), "defaults.speculative must be true or false"),
     (_set(["defaults"], [4]), "defaults must be an object"),
     (_set(["parity"], "good"), "parity must be an object"),
+    (_set(["parity", "target"], "good"), "parity.target must be an object"),
+    (_set(["parity", "target", "top1_agreement"], "1.0"), "parity.target.top1_agreement must be a number"),
     (_set(["schema_version"], 2), "schema version 2 is not supported"),
     (_set(["schema_version"], "1"), "schema version '1' is not supported"),
     (_drop(["schema_version"]), "schema version None is not supported"),

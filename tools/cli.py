@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from ..runtime.errors import SpecError
+from ..runtime.manifest import PARITY_NUMBERS
 
 
 class _Group(click.Group):
@@ -177,7 +178,7 @@ def describe(m, bundle) -> str:
         lines.append(f"  {s.role:6} {s.architecture} {s.parameters / 1e6:.2f}M {s.precision}/{s.provider} "
                      f"{s.num_layers} layers, kv {s.kv_layout} [{s.num_kv_heads}x{s.max_length}x{s.head_dim}] "
                      f"via {s.builder}")
-        if p:
+        if PARITY_NUMBERS <= p.keys():
             lines.append(f"         parity vs PyTorch: max|Δlogit| {p['max_abs_logit_diff']:.2e}, top-1 "
                          f"{p['top1_agreement']:.3f}; multi-token step vs one-by-one: max|Δ| "
                          f"{p['step_max_abs_diff']:.2e}, top-1 {p['step_top1_agreement']:.3f}")
