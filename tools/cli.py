@@ -68,6 +68,15 @@ def _prompts(ctx, param, value):
     return value
 
 
+def _exit_on_sigterm() -> None:
+    """SIGTERM (a cancelled CI job, `timeout`, `docker stop`) unwinds like Ctrl-C: an export cleans up after itself."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="specedge")
 def main():
@@ -134,15 +143,13 @@ def export(target, draft, out, target_precision, draft_precision, device, max_le
     Example:
       spec-export export --target ./llama-1b --draft ./llama-60m --out ./bundle --max-length 1024
     """
-    import signal
-
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ..export.bundle import ExportOptions, export_bundle
 
     opts = ExportOptions(target=target, draft=draft, out=out, target_precision=target_precision,
                          draft_precision=draft_precision, device=device, max_length=max_length, force=force, k=k)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a terminated export cleans up like an interrupted one
+    _exit_on_sigterm()
     note = lambda text: click.echo(text, err=True)  # noqa: E731
     if not sys.stderr.isatty():  # CI logs and pipes: one line per step instead of a live bar
         m = export_bundle(opts, progress=lambda i, n, text: note(f"[{i}/{n}] {text}"), log=note)
