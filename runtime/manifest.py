@@ -186,6 +186,8 @@ def load_manifest(bundle: Path, verify: bool = True) -> Manifest:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BundleError(f"{path} is corrupted ({e}); re-export the bundle") from e
+    except OSError as e:
+        raise BundleError(f"{path} cannot be read ({e.strerror or e}); check its permissions") from e
     try:
         m = Manifest.from_dict(data)
     except BundleError as e:
@@ -200,6 +202,11 @@ def verify_files(bundle: Path, m: Manifest) -> None:
         f = Path(bundle) / rel
         if not f.is_file():
             raise BundleError(f"bundle file {rel} is missing from {bundle}; re-export the bundle")
-        if sha256(f) != digest:
+        try:
+            same = sha256(f) == digest
+        except OSError as e:
+            raise BundleError(f"bundle file {rel} in {bundle} cannot be read ({e.strerror or e}); check its "
+                              f"permissions") from e
+        if not same:
             raise BundleError(f"bundle file {rel} was modified after export (sha256 differs from the manifest); "
                               f"re-export the bundle")
