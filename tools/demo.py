@@ -64,7 +64,7 @@ def ensure_bundle(workdir: Path, say=print) -> Path:
                                 inter=128, max_pos=1024)
         max_length, fp = 1024, ""
     export_bundle(ExportOptions(target=target, draft=draft, out=bundle, max_length=max_length, force=True),
-                  progress=lambda i, n, text: say(f"  [{i}/{n}] {text}"))
+                  progress=lambda i, n, text: say(f"  [{i}/{n}] {text}"), log=lambda text: say(f"  {text}"))
     workdir.mkdir(parents=True, exist_ok=True)
     stamp.write_text(fp)
     return bundle
