@@ -48,7 +48,7 @@ def test_generate_errors_are_messages(bundles, tmp_path):
     r = run("generate", b, "--prompt-file", bad)
     assert r.exit_code == 2 and "not valid UTF-8" in r.output
     r = run("generate", b, "--prompt", "x", "--k", 0)
-    assert r.exit_code == 2 and "'--k': 0 is not in the range 1<=x<=32" in r.output
+    assert r.exit_code == 2 and "'--k': 0 is not in the range 1<=x<=32" in r.output   # click's range check
     r = run("generate", b)
     assert r.exit_code == 2 and "--prompt" in r.output
     r = run("inspect", tmp_path)
