@@ -70,7 +70,8 @@ class Engine:
             raise InvalidArgument("the prompt is empty (or neither text nor a list of token ids): give at least one "
                                   "character of text")
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt or [])
-        if not all(isinstance(t, (int, np.integer)) and 0 <= t < self.manifest.tokenizer.vocab_size for t in ids):
+        if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool)
+                   and 0 <= t < self.manifest.tokenizer.vocab_size for t in ids):
             raise InvalidArgument(f"token ids must be integers in 0..{self.manifest.tokenizer.vocab_size - 1}")
         g = Generator(self, c, k, self.default_speculative if c.speculative is None else c.speculative)
         self._acquire(g, timeout)
