@@ -39,6 +39,7 @@ KL_WEIGHT = 0.5                 # the demo recipe's mix: +11 points of alpha ove
 HOLDOUT = 0.05                  # share of documents held out for alpha (by content hash)
 KS = tuple(range(1, 9))         # alpha is reported for k = 1..8
 EVAL_WINDOWS, EVAL_PROMPT, EVAL_NEW = 24, 128, 64   # held-out windows: prompt tokens, target greedy continuation
+EVAL_EVERY_S = 60               # held-out alpha during training: at a checkpoint, at most once a minute
 WARMUP = 50                     # steps (at most 5% of the run)
 SKIP_DIRS = {".git", ".hg", ".svn", "__pycache__", ".venv", "venv", "node_modules", ".tox", ".mypy_cache"}
 CHECKPOINT = "checkpoint.pt"
@@ -455,7 +456,8 @@ def _run(o: DistillOptions, corpus: Corpus, device, work: Path, ckpt_path: Path,
 
     # 2. train: the budget is steps (--tokens) or training seconds (--minutes, summed over resumed invocations)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
-    t0, last_ckpt, run_steps, run_tokens = time.time(), time.time(), 0, 0
+    t0, run_steps, run_tokens = time.time(), 0, 0
+    last_ckpt = last_eval = t0
     started = elapsed
     alpha_now = before["alpha"][4]
     while True:
@@ -492,19 +494,20 @@ def _run(o: DistillOptions, corpus: Corpus, device, work: Path, ckpt_path: Path,
         run_steps += 1
         run_tokens += step_tokens
         elapsed = started + time.time() - t0
-        log.append({"step": step, "seconds": round(elapsed, 2), "loss": round(float(loss), 4),
-                    "ce": round(float(ce), 4), "kl": round(float(kl), 4)})
-        now = time.time()
-        if now - last_ckpt >= o.checkpoint_minutes * 60:
-            draft.eval()
-            alpha_now = greedy_alpha(target, draft, windows, prompt)["alpha"][4]
-            draft.train()
-            evals.append({"step": step, "alpha_k4": alpha_now})
+        log.append({"step": step, "seconds": round(elapsed, 2), "loss": round(loss.item(), 4),
+                    "ce": round(ce.item(), 4), "kl": round(kl.item(), 4)})
+        if time.time() - last_ckpt >= o.checkpoint_minutes * 60:
+            if time.time() - last_eval >= EVAL_EVERY_S:  # alpha never touches the weights or the RNG
+                draft.eval()
+                alpha_now = greedy_alpha(target, draft, windows, prompt)["alpha"][4]
+                draft.train()
+                evals.append({"step": step, "alpha_k4": alpha_now})
+                last_eval = time.time()
             checkpoint()
             last_ckpt = time.time()
         done = step / total if total else elapsed / (minutes * 60)
         say(Progress(step, total, min(1.0, done), step * step_tokens, run_tokens / max(time.time() - t0, 1e-6),
-                     float(loss), alpha_now))
+                     log[-1]["loss"], alpha_now))
     checkpoint()
 
     # 3. alpha after, the folder, the card
