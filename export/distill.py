@@ -18,7 +18,6 @@ uses `advice` (pure arithmetic on the cost model) to say when distilling would p
 """
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 import hashlib
 import json
@@ -43,6 +42,7 @@ EVAL_EVERY_S = 60               # held-out alpha during training: at a checkpoin
 WARMUP = 50                     # steps (at most 5% of the run)
 SKIP_DIRS = {".git", ".hg", ".svn", "__pycache__", ".venv", "venv", "node_modules", ".tox", ".mypy_cache"}
 CHECKPOINT = "checkpoint.pt"
+DISTILL_CARD = "distill_card.json"   # in the draft folder, and copied by export into BUNDLE/draft/
 
 
 @dataclass(frozen=True)
@@ -542,7 +542,7 @@ def _run(o: DistillOptions, corpus: Corpus, device, work: Path, ckpt_path: Path,
     }
     note = _plot(log, evals, staging / "loss.png")
     card["loss_curve"] = "loss.png" if note is None else note
-    (staging / "distill_card.json").write_text(json.dumps({**card, "log": log}, indent=1))
+    (staging / DISTILL_CARD).write_text(json.dumps({**card, "log": log}, indent=1))
     (staging / "distill_card.md").write_text(card_markdown(card))
     _replace(staging, Path(o.out))
     shutil.rmtree(work, ignore_errors=True)
@@ -691,5 +691,7 @@ def advice(alpha: float, c: float, t: dict[int, float] | None = None, card: dict
                   needed, now, after)
 
 
-def options_dict(o: DistillOptions) -> dict:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(o).items()}
+def bundle_card(bundle: Path) -> dict | None:
+    """The distill card a bundle's draft was exported with (None for a draft that was not distilled)."""
+    f = Path(bundle) / "draft" / DISTILL_CARD
+    return json.loads(f.read_text(encoding="utf-8")) if f.is_file() else None
