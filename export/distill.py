@@ -328,7 +328,7 @@ def work_dir(out: Path) -> Path:
     return out.with_name(f".{out.name}.distill")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Progress:
     step: int
     total_steps: int | None
@@ -341,8 +341,9 @@ class Progress:
 
 
 def distill(o: DistillOptions, progress: Callable[[Progress], None] | None = None) -> dict | None:
-    """Train, then write o.out atomically. Returns the card (None when paused by o.pause_after). Raises InvalidArgument / ExportError before touching
-    anything when the inputs are wrong; an interruption keeps the last checkpoint for --resume."""
+    """Train, then write o.out atomically. Returns the card (None when paused by o.pause_after). Raises
+    InvalidArgument / ExportError before writing anything when the inputs are wrong; an interruption or a crash keeps
+    the last checkpoint (at most one interval old: a checkpoint is only ever written between steps) for --resume."""
     say = progress or (lambda p: None)
     # 1. validate everything cheap first: nothing is written until the inputs are known to be good
     if (o.draft is None) == (o.from_target is None):
