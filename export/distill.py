@@ -528,7 +528,8 @@ def _run(o: DistillOptions, corpus: Corpus, device, work: Path, ckpt_path: Path,
         "target": str(o.target), "source": {"draft": str(o.draft)} if o.draft else
         {"from_target": list(o.from_target)},
         "parameters": sum(p.numel() for p in draft.parameters()), "num_hidden_layers": draft.config.num_hidden_layers,
-        "corpus": {"paths": [str(p) for p in o.corpus], "glob": list(o.glob), "sha256": corpus.sha256,
+        "corpus": {"paths": [str(p) for p in o.corpus[:20]] + ([f"... {len(o.corpus) - 20} more"] if len(o.corpus) > 20
+                                                                 else []), "glob": list(o.glob), "sha256": corpus.sha256,
                    "documents": corpus.documents, "bytes": corpus.bytes, "skipped_files": corpus.skipped,
                    "held_out_documents": len(corpus.held_out), "train_tokens": int(len(data)),
                    "held_out_tokens": int(len(held))},
