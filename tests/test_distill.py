@@ -234,3 +234,22 @@ def test_advice_follows_the_cost_model():
     # a draft as expensive as the target: no alpha helps, distilling is not the fix
     hopeless = advice(0.5, 1.0, t={1: 1.0, 2: 2.0, 5: 5.0})
     assert not hopeless.distill and hopeless.alpha_needed is None and "c = 1.000" in hopeless.reason
+
+
+def test_carving_gemma3_slices_the_per_layer_attention_pattern():
+    """Gemma 3 alternates sliding and full attention per layer: the carved draft keeps each kept layer's kind."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    cfg = Gemma3TextConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=6,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=8,
+                           max_position_embeddings=64, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    target = Gemma3ForCausalLM(cfg).eval()
+    ids = torch.arange(3, 40)[None]  # longer than the window: sliding layers really differ from full ones
+    with torch.no_grad():
+        assert torch.allclose(carve(target, tuple(range(6))).eval()(ids).logits, target(ids).logits, atol=1e-5)
+        draft = carve(target, (0, 5)).eval()
+    assert draft.config.layer_types == [cfg.layer_types[0], cfg.layer_types[5]]
+    assert draft.config.layer_types[0] != draft.config.layer_types[1]
+    assert draft.lm_head.weight.data_ptr() == draft.model.embed_tokens.weight.data_ptr()
