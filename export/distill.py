@@ -10,7 +10,7 @@ The loss is (1 - W) * cross-entropy + W * KL(target || draft) per token, with th
   3. alpha before, on the held-out text, as the runtime measures it (`greedy_alpha`);
   4. AdamW with warmup + cosine over a token or time budget; batch b of step s is a pure function of (seed, s), so a
      run resumed from a checkpoint (model + optimizer + RNG + step, written atomically) ends with the same weights as
-     an uninterrupted one;
+     an uninterrupted one (a --tokens run exactly; a --minutes run stops at its time budget, which no machine repeats);
   5. alpha after, and an ordinary Hugging Face folder with distill_card.json / .md (and loss.png), renamed into --out.
 
 Torch and transformers are imported inside functions: this module is importable from the lean tools, whose `tune`
@@ -18,6 +18,7 @@ uses `advice` (pure arithmetic on the cost model) to say when distilling would p
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
 import json
@@ -456,17 +457,15 @@ def _run(o: DistillOptions, corpus: Corpus, device, work: Path, ckpt_path: Path,
                               "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}}, ckpt_path)
 
     # 2. train: the budget is steps (--tokens) or training seconds (--minutes, summed over resumed invocations)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     t0, run_steps, run_tokens = time.time(), 0, 0
     last_ckpt = last_eval = t0
     started = elapsed
     alpha_now = before["alpha"][4]
     while True:
         elapsed = started + time.time() - t0
-        if total is not None and step >= total:
-            break
-        if total is None and elapsed >= minutes * 60:
-            break
+        if (total is not None and step >= total) or (minutes is not None and elapsed >= minutes * 60):
+            break  # --tokens: a fixed step count; --minutes: the time budget, or the estimated count if sooner
         if o.pause_after is not None and run_steps >= o.pause_after:
             checkpoint()
             return None
@@ -549,12 +548,6 @@ def _run(o: DistillOptions, corpus: Corpus, device, work: Path, ckpt_path: Path,
     _replace(staging, Path(o.out))
     shutil.rmtree(work, ignore_errors=True)
     return card
-
-
-def _null():
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 def _saved_dtype(target: Path, torch):
