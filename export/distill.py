@@ -380,7 +380,9 @@ def distill(o: DistillOptions, progress: Callable[[Progress], None] | None = Non
     corpus = read_corpus(o.corpus, o.glob)
 
     import torch
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # one progress bar (ours), not one per weight load and save
     device = _device(o.device)
     try:
         if o.force and not o.resume:
