@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test clean
+.PHONY: setup demo demo-train test clean
 setup: $(BIN)/spec-export
 
 $(BIN)/spec-export: pyproject.toml
@@ -16,6 +16,12 @@ $(BIN)/spec-export: pyproject.toml
 
 demo: setup
 	$(BIN)/spec-export demo $(ARGS)
+
+# Re-train the demo pair (models/README.md). Resumable: after Ctrl-C or a crash, run the same command again; every
+# stage and checkpoint lives in models/demo/.work until the run completes. Uses a GPU when one is present.
+TRAIN_ARGS ?= --target-minutes 50 --draft-minutes 12
+demo-train: setup
+	$(BIN)/python -m specedge.models.train_demo --out models/demo $(TRAIN_ARGS)
 
 test: setup
 	$(BIN)/python -m pytest -q $(ARGS)

@@ -14,6 +14,7 @@ from ..runtime.errors import ExportError, InvalidArgument, SpecError
 from ..runtime.manifest import MANIFEST, Manifest, ModelSpec, TokenizerSpec, sha256
 from . import parity
 from .check import check_pair, require_compatible, tokenizer_fingerprint
+from .distill import DISTILL_CARD
 from .graphs import PRECISIONS, build_graph
 
 
@@ -186,6 +187,9 @@ def _build(o: ExportOptions, tp: str, dp: str, verdict, tmp: Path, say) -> Manif
                                   f"try --target-precision fp32, and see {log.name} in the error's context")
         rec["reference"] = "PyTorch fp32 checkpoint" + (" (the unquantized draft)" if role == "draft" else "")
         specs[role], records[role], timings[role] = spec, rec, round(time.perf_counter() - t0, 2)
+    card = Path(o.draft) / DISTILL_CARD
+    if card.is_file():  # a distilled draft's record: tune compares alpha on the user's prompts with the card's
+        shutil.copy(card, tmp / "draft" / DISTILL_CARD)
     say(5, 6, "writing the manifest")
     files = {str(p.relative_to(tmp)): sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
     manifest = Manifest(

@@ -1,18 +1,21 @@
-"""Train the built-in demo pair: a Llama target and a ~1/10-size Llama draft on the CPython standard library.
+"""Train the built-in demo pair: a Llama target and a ~1/18-size Llama draft on the CPython standard library.
 
-    python -m specedge.models.train_demo --out models/demo --target-minutes 45 --draft-minutes 10
+    python -m specedge.models.train_demo --out models/demo --target-minutes 50 --draft-minutes 12   (or: make demo-train)
 
 Steps (models/README.md has the card): 1. byte-level BPE tokenizer on the training modules; 2. the target, next-token
-cross-entropy; 3. two drafts on the same batches -- one plain, one distilled from the target (cross-entropy mixed
-with KL to the target's distribution); 4. greedy agreement alpha of each draft with the target on held-out modules,
-k = 1..8; 5. both as ordinary Hugging Face folders (config, fp16 safetensors, tokenizer) that `spec-export` accepts.
-Uses a GPU when one is present; seeds are fixed; loss curves go to train_log.json and loss.png.
+cross-entropy; 3. the draft with `spec-export distill` (export/distill.py: cross-entropy mixed with KL to the
+target), and for comparison a plain draft through the same code with kl_weight 0, for the same number of steps;
+4. alpha of each draft with the target on the held-out modules, k = 1..8 (the runtime's estimator,
+distill.greedy_alpha); 5. both as ordinary Hugging Face folders (config, fp16 safetensors, tokenizer) that
+`spec-export` accepts. Uses a GPU when one is present; seeds are fixed; loss curves go to train_log.json and loss.png.
+
+Resumable: every stage keeps its result (or a checkpoint, written atomically every few minutes) in OUT/.work, and
+rerunning the same command continues where an interrupted run stopped, with the same data order.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import sysconfig
 import time
@@ -84,57 +87,54 @@ def make_model(role: str, seed: int):
     return LlamaForCausalLM(cfg)
 
 
-def batches(data: np.ndarray, batch: int, seed: int):
-    import torch
-
-    rng = np.random.default_rng(seed)
-    while True:
-        starts = rng.integers(0, len(data) - SEQ - 1, batch)
-        x = np.stack([data[s : s + SEQ + 1] for s in starts]).astype(np.int64)
-        yield torch.from_numpy(x[:, :-1]), torch.from_numpy(x[:, 1:])
-
-
-def train(model, data, minutes: float, lr: float, batch: int, device, seed: int, teacher=None, kl_weight=0.5,
-          label="model", max_steps: int | None = None) -> list[dict]:
-    """Time-budgeted (or step-budgeted) AdamW with warmup and cosine decay over the expected number of steps."""
+def train_target(model, data: np.ndarray, minutes: float, lr: float, batch: int, device, seed: int, ckpt: Path,
+                 checkpoint_minutes: float = 5.0) -> list[dict]:
+    """Time-budgeted AdamW (warmup, cosine over the step count estimated from the first 20 steps), resumable from
+    `ckpt`: batches are distill.batch_at(seed, step), and the checkpoint keeps weights, optimizer, step, schedule."""
     import torch
     import torch.nn.functional as F
     from tqdm import tqdm
 
+    from ..export.distill import _lr, _save_atomic, batch_at
+
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
-    log, start, step, est = [], time.time(), 0, None
-    bar = tqdm(total=int(minutes * 60), desc=label, unit="s")
-    for x, y in batches(data, batch, seed):
-        x, y = x.to(device), y.to(device)
-        elapsed = time.time() - start
-        if (max_steps is None and elapsed > minutes * 60) or step == max_steps:
-            break
-        if step == 20 and max_steps is None:  # estimate the total steps from the first 20 to shape the schedule
-            est = int(20 * minutes * 60 / elapsed)
-        est = max_steps or est
-        total = est or 10**9
-        warm = 50
-        scale = min(1.0, (step + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total))))
+    step, spent, total, log = 0, 0.0, None, []
+    if ckpt.is_file():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        torch.set_rng_state(state["rng"])
+        step, spent, total, log = state["step"], state["spent"], state["total"], state["log"]
+        print(f"target: resuming at step {step} ({spent / 60:.1f} of {minutes} minutes spent)")
+
+    def checkpoint():
+        _save_atomic({"model": model.state_dict(), "opt": opt.state_dict(), "rng": torch.get_rng_state(),
+                      "step": step, "spent": spent, "total": total, "log": log}, ckpt)
+
+    start, last = time.time() - spent, time.time()
+    bar = tqdm(total=int(minutes * 60), initial=int(spent), desc="target", unit="s")
+    while (total is None and spent < minutes * 60) or (total is not None and step < total):
+        if total is None and step == 20:  # the schedule's length, from the first 20 steps; kept in the checkpoint
+            total = max(21, int(20 * minutes * 60 / spent))
         for g in opt.param_groups:
-            g["lr"] = lr * scale
-        logits = model(x).logits
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-        loss = ce
-        if teacher is not None:
-            with torch.no_grad():
-                t = teacher(x).logits.float()
-            kl = F.kl_div(F.log_softmax(logits.float(), -1), F.log_softmax(t, -1), log_target=True,
-                          reduction="batchmean") / x.shape[1]
-            loss = (1 - kl_weight) * ce + kl_weight * kl
+            g["lr"] = _lr(step, total or 10**9, lr)
+        xy = torch.from_numpy(batch_at(data, seed, step, batch, SEQ).astype(np.int64)).to(device)
+        logits = model(xy[:, :-1]).logits
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), xy[:, 1:].flatten())
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        ce.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
-        log.append({"step": step, "seconds": round(time.time() - start, 1), "loss": round(float(ce), 4)})
-        bar.n = int(time.time() - start)
-        bar.set_postfix(step=step, ce=f"{float(ce):.3f}")
+        spent = time.time() - start
+        log.append({"step": step, "seconds": round(spent, 1), "loss": round(ce.item(), 4)})
+        bar.n = int(spent)
+        bar.set_postfix(step=step, ce=f"{ce.item():.3f}")
+        if time.time() - last > checkpoint_minutes * 60:
+            checkpoint()
+            last = time.time()
+    checkpoint()
     bar.close()
     model.eval()
     return log
@@ -144,56 +144,42 @@ def eval_loss(model, data, device, n: int = 32) -> float:
     import torch
     import torch.nn.functional as F
 
-    gen = batches(data, 8, seed=1234)
+    from ..export.distill import batch_at
+
     with torch.no_grad():
         losses = []
-        for _ in range(n // 8):
-            x, y = next(gen)
-            losses.append(float(F.cross_entropy(model(x.to(device)).logits.flatten(0, 1).float(),
-                                                y.to(device).flatten())))
+        for i in range(n // 8):
+            xy = torch.from_numpy(batch_at(data, 1234, i, 8, SEQ).astype(np.int64)).to(device)
+            losses.append(float(F.cross_entropy(model(xy[:, :-1]).logits.flatten(0, 1).float(), xy[:, 1:].flatten())))
     return float(np.mean(losses))
 
 
-def greedy_alpha(target, draft, data, device, n_prompts=24, new=64, ks=range(1, 9)) -> dict:
-    """Per-position greedy agreement on held-out code, and alpha(k) = accepted / tested when drafting k at a time
-    against the target's own greedy continuation (the quantity the runtime reports)."""
+def save(model, tok_dir: Path, out: Path, dtype: str = "float16") -> None:
     import torch
 
-    rng = np.random.default_rng(7)
-    agree = []
-    with torch.no_grad():
-        for s in rng.integers(0, len(data) - 200, n_prompts):
-            ids = torch.from_numpy(data[s : s + 128].astype(np.int64))[None].to(device)
-            cont = target.generate(ids, max_new_tokens=new, do_sample=False, pad_token_id=2, eos_token_id=None)
-            tl = target(cont).logits[0, ids.shape[1] - 1 : -1].argmax(-1)
-            dl = draft(cont).logits[0, ids.shape[1] - 1 : -1].argmax(-1)
-            agree.append((tl == dl).cpu().numpy())
-    out = {"per_token_agreement": float(np.mean(np.concatenate(agree)))}
-    for k in ks:  # replay rounds over the agreement masks: a round tests drafts up to its first disagreement
-        acc = tested = 0
-        for a in agree:
-            i = 0
-            while i < len(a):
-                n = 0
-                while n < k and i + n < len(a) and a[i + n]:
-                    n += 1
-                acc += n
-                tested += n + (n < k and i + n < len(a))
-                i += n + 1
-        out[f"alpha_k{k}"] = acc / max(tested, 1)
-    return out
-
-
-def save(model, tok_dir: Path, out: Path) -> None:
-    import torch
-
-    model.to(torch.float16).save_pretrained(out)
+    model.to(getattr(torch, dtype)).save_pretrained(out)
     for f in tok_dir.iterdir():
         shutil.copy(f, out / f.name)
 
 
+def distill_draft(work: Path, name: str, files: list[Path], a, **recipe) -> dict:
+    """One draft through `spec-export distill` (resumed when its checkpoint exists); returns its card."""
+    from ..export.distill import DistillOptions, distill, work_dir
+
+    out = work / name
+    if not (out / "distill_card.json").is_file():
+        resume = (work_dir(out) / "checkpoint.pt").is_file()
+        print(f"{name}: {'resuming' if resume else 'training'} with spec-export distill")
+        distill(DistillOptions(target=work / "target", draft=work / "draft_init", out=out, corpus=tuple(files),
+                               batch=a.batch, seq_len=SEQ, lr=5e-3, seed=a.seed + 1, device=a.device, resume=resume,
+                               **recipe))
+    return json.loads((out / "distill_card.json").read_text())
+
+
 def main(argv=None):
     import torch
+
+    from ..export.distill import KL_WEIGHT, _load, eval_windows, greedy_alpha
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("models/demo"))
@@ -201,39 +187,59 @@ def main(argv=None):
     ap.add_argument("--draft-minutes", type=float, default=10)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     a = ap.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if a.device == "auto" else a.device))
     torch.manual_seed(a.seed)
-    work = a.out / ".work"
+    work = a.out / ".work"  # every stage's result and checkpoint: rerun the same command to resume
     work.mkdir(parents=True, exist_ok=True)
 
     train_files, held = corpus()
     print(f"corpus: {len(train_files)} training modules, {len(held)} held out; device {device}")
-    tok = train_tokenizer(train_files, work / "tokenizer")
+    if not (work / "tokenizer" / "tokenizer.json").is_file():
+        train_tokenizer(train_files, work / "tokenizer")
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(work / "tokenizer" / "tokenizer.json"))
     data, held_data = encode(tok, train_files), encode(tok, held)
     print(f"tokens: {len(data):,} training, {len(held_data):,} held out")
 
-    target = make_model("target", a.seed)
-    card = {"device": device, "train_tokens": int(len(data)), "held_out_tokens": int(len(held_data)),
+    # 1. the target (fp16 folder in .work/target once done; .work/target.ckpt while training)
+    target_log = work / "target_log.json"
+    if not (work / "target" / "config.json").is_file():
+        target = make_model("target", a.seed)
+        log = train_target(target, data, a.target_minutes, 3e-3, a.batch, device, a.seed, work / "target.ckpt")
+        target_log.write_text(json.dumps(log))
+        save(target, work / "tokenizer", work / "target")
+    # 2. the drafts, through distill: a fresh random draft (fp32 init), distilled for the time budget; the plain one
+    # (cross-entropy only) for the same number of steps: a like-for-like comparison
+    if not (work / "draft_init" / "config.json").is_file():
+        save(make_model("draft", a.seed + 1), work / "tokenizer", work / "draft_init", dtype="float32")
+    cards = {"draft_distilled": distill_draft(work, "draft_distilled", train_files, a, minutes=a.draft_minutes,
+                                              kl_weight=KL_WEIGHT)}
+    cards["draft_plain"] = distill_draft(work, "draft_plain", train_files, a, tokens=cards["draft_distilled"]
+                                         ["tokens_seen"], kl_weight=0.0)
+    # 3. evaluation on the held-out modules, with the runtime's alpha estimator
+    logs = {"target": json.loads(target_log.read_text()),
+            **{n: [{"step": r["step"], "seconds": r["seconds"], "loss": r["ce"]} for r in
+                   json.loads((work / n / "distill_card.json").read_text())["log"]] for n in cards}}
+    models = {n: _load(work / n, torch).to(device).eval() for n in ("target", *cards)}
+    windows, prompt = eval_windows(models["target"], held_data.astype(np.int64), device, MAX_POS)
+    card = {"device": str(device), "train_tokens": int(len(data)), "held_out_tokens": int(len(held_data)),
             "held_out_modules": list(HELD_OUT), "vocab_size": VOCAB, "seq_len": SEQ, "batch": a.batch}
-    logs = {"target": train(target, data, a.target_minutes, 3e-3, a.batch, device, a.seed, label="target")}
-    drafts = {}
-    # The distilled draft gets the time budget; the plain one the same number of steps: a like-for-like comparison.
-    for name, teacher in (("draft_distilled", target), ("draft_plain", None)):
-        d = make_model("draft", a.seed + 1)
-        steps = len(logs["draft_distilled"]) if name == "draft_plain" else None
-        logs[name] = train(d, data, a.draft_minutes, 5e-3, a.batch, device, a.seed + 1, teacher=teacher, label=name,
-                           max_steps=steps)
-        drafts[name] = d
-    for name, m in [("target", target), *drafts.items()]:
+    for name, m in models.items():
         card[name] = {"parameters": sum(p.numel() for p in m.parameters()), "steps": len(logs[name]),
                       "final_train_loss": float(np.mean([r["loss"] for r in logs[name][-20:]])),
                       "held_out_loss": eval_loss(m, held_data, device), **SHAPES[name.split("_")[0]]}
-    for name, d in drafts.items():
-        card[name]["greedy_agreement"] = greedy_alpha(target, d, held_data, device)
-        print(name, json.dumps(card[name]["greedy_agreement"]))
-    save(target, work / "tokenizer", a.out / "target")
-    save(drafts["draft_distilled"], work / "tokenizer", a.out / "draft")
+        if name != "target":
+            g = greedy_alpha(models["target"], m, windows, prompt)
+            card[name]["greedy_agreement"] = {"per_token_agreement": g["agreement"], "kl": g["kl"],
+                                              **{f"alpha_k{k}": v for k, v in g["alpha"].items()}}
+            print(name, json.dumps(card[name]["greedy_agreement"]))
+    for role, src in (("target", "target"), ("draft", "draft_distilled")):
+        shutil.rmtree(a.out / role, ignore_errors=True)
+        shutil.copytree(work / src, a.out / role)
     (a.out / "train_log.json").write_text(json.dumps({"card": card, "logs": logs}, indent=1))
     plot(logs, a.out / "loss.png")
     shutil.rmtree(work)

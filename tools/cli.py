@@ -87,6 +87,7 @@ def main():
       spec-export check  --target ./llama-1b --draft ./llama-60m
       spec-export export --target ./llama-1b --draft ./llama-60m --out ./bundle
       spec-export inspect ./bundle
+      spec-export distill --target ./llama-1b --draft ./llama-60m --corpus ./my-code --minutes 30 --out ./d
       spec-export generate ./bundle --prompt "def quicksort(xs):" --max-new-tokens 64 --json
     """
 
@@ -160,6 +161,75 @@ def export(target, draft, out, target_precision, draft_precision, device, max_le
                               log=bar.console.print)
     click.echo(describe(m, out))
     click.secho(f"bundle written to {out}", fg="green")
+
+
+@main.command()
+@click.option("--target", type=click.Path(path_type=Path), required=True, help="Target checkpoint folder (HF).")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Draft folder to write (HF).")
+@click.option("--draft", type=click.Path(path_type=Path), help="Continue training this same-tokenizer draft.")
+@click.option("--from-target", "from_target", metavar="LAYERS",
+              help="Carve the draft out of the target: its first LAYERS layers (2) or these layers (0,5,11).")
+@click.option("--corpus", type=click.Path(path_type=Path), multiple=True, required=True,
+              help="Your text: files, folders (recursive) or JSONL with a 'text' field. Repeatable.")
+@click.option("--glob", "globs", multiple=True, help="Only files in corpus folders matching this ('*.py'). Repeatable.")
+@click.option("--minutes", type=float, help="Training-time budget [default: 10 when --tokens is not given].")
+@click.option("--tokens", type=int, help="Training-token budget (batch x seq-len per step).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--resume", is_flag=True, help="Continue the interrupted run that wrote --out's checkpoint.")
+@click.option("--force", is_flag=True, help="Replace an existing --out (atomically) or start over from a checkpoint.")
+@click.option("--kl-weight", type=float, default=0.5, show_default=True,
+              help="Loss = (1 - W) cross-entropy + W KL(target || draft).")
+@click.option("--seq-len", type=int, default=256, show_default=True)
+@click.option("--batch", type=int, default=16, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Peak learning rate (warmup, cosine).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--checkpoint-minutes", type=float, default=5.0, show_default=True,
+              help="Checkpoint (and held-out alpha) interval; a crash loses at most this much. 0 = every step.")
+@click.option("--pause-after", type=int, help="Stop after N steps of this invocation, keeping the checkpoint for "
+                                              "--resume (split a long run across sessions).")
+def distill(target, out, draft, from_target, corpus, globs, minutes, tokens, device, resume, force, kl_weight,
+            seq_len, batch, lr, seed, checkpoint_minutes, pause_after):
+    """Train a draft toward TARGET on your own text (cross-entropy + KL to the target); alpha before/after.
+
+    \b
+    Examples:
+      spec-export distill --target ./llama-1b --draft ./llama-60m --corpus ./src --glob '*.py' --minutes 30 --out ./d
+      spec-export distill --target ./gemma-270m --from-target 2 --corpus chats.jsonl --tokens 2000000 --out ./d
+      spec-export distill ... --resume        (after Ctrl-C or a crash: same options, same data order)
+    """
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from ..export.distill import DistillOptions, KS, parse_layers, work_dir
+    from ..export.distill import distill as run
+
+    opts = DistillOptions(target=target, out=out, corpus=tuple(corpus), draft=draft,
+                          from_target=parse_layers(from_target) if from_target is not None else None,
+                          glob=tuple(globs), minutes=minutes, tokens=tokens, device=device, resume=resume,
+                          force=force, kl_weight=kl_weight, seq_len=seq_len, batch=batch, lr=lr, seed=seed,
+                          checkpoint_minutes=checkpoint_minutes, pause_after=pause_after)
+    columns = (TextColumn("distill"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+               TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    with Progress(*columns, transient=True) as bar:
+        task = bar.add_task("distill", total=1000, info="loading models and corpus")
+
+        def show(p):
+            alpha = f"α(k4) {p.alpha:.3f}" if p.alpha is not None else ""
+            bar.update(task, completed=int(1000 * p.done), info=f"step {p.step}  {p.tokens:,} tok  "
+                       f"{p.tokens_per_s:,.0f} tok/s  loss {p.loss:.3f}  {alpha} {p.note}")
+
+        card = run(opts, progress=show)
+    if card is None:
+        click.secho(f"paused after {pause_after} steps; checkpoint in {work_dir(out)}: rerun with --resume",
+                    fg="yellow")
+        return
+    b, a = card["before"]["alpha"], card["after"]["alpha"]
+    click.echo(f"{card['steps']} steps, {card['tokens_seen']:,} tokens in {card['train_seconds']:.0f} s "
+               f"({card['tokens_per_s']:,.0f} tokens/s, {card['device']['type']})")
+    click.echo("k      " + " ".join(f"{k:>6}" for k in KS))
+    click.echo("before " + " ".join(f"{b[k]:6.3f}" for k in KS))
+    click.echo("after  " + " ".join(f"{a[k]:6.3f}" for k in KS))
+    click.secho(f"draft written to {out} (card: {out}/distill_card.md); next: spec-export check --target {target} "
+                f"--draft {out}", fg="green")
 
 
 @main.command()
