@@ -117,8 +117,8 @@ def server(fim_bundle):
 
 @pytest.fixture(scope="module")
 def plain_server(bundles):
-    """The conftest bundle (no FIM tokens, no chat template), every request latest-wins."""
-    s = Server(bundles("llama"), "--latest-wins")
+    """The conftest bundle: no FIM tokens, no chat template."""
+    s = Server(bundles("llama"))
     yield s
     s.stop()
     assert "Traceback" not in "".join(s.log), "".join(s.log)
@@ -285,24 +285,24 @@ def test_a_disconnected_non_streaming_client_cancels_too(server, engine):
 
 
 def _stream_in_thread(client, out: dict, **kw):
+    """Stream a completion on a thread into `out`; out["started"] is set when its first chunk has arrived."""
+    started = out["started"] = threading.Event()
+
     def run():
         try:
-            chunks = list(client.completions.create(model="x", stream=True, **kw))
+            chunks = []
+            for ch in client.completions.create(model="x", stream=True, **kw):
+                chunks.append(ch)
+                started.set()
             out["finish"] = chunks[-1].choices[0].finish_reason
             out["text"] = "".join(ch.choices[0].text for ch in chunks)
         except Exception as e:  # noqa: BLE001 - reported by the test
             out["error"] = repr(e)
+        started.set()
 
     t = threading.Thread(target=run, daemon=True)
     t.start()
     return t
-
-
-def _wait_running(server, key=None):
-    deadline = time.monotonic() + 30
-    while not server.http(key).get("/health").json()["busy"]:
-        assert time.monotonic() < deadline, "the request never started"
-        time.sleep(0.005)
 
 
 def test_latest_wins_per_user(server, engine):
@@ -310,7 +310,7 @@ def test_latest_wins_per_user(server, engine):
     c = server.client(KEY)
     stale, other = {}, {}
     t = _stream_in_thread(c, stale, prompt=p, max_tokens=LONG, temperature=0, user="alice")
-    _wait_running(server, KEY)
+    assert stale["started"].wait(30)
     t2 = _stream_in_thread(c, other, prompt=PROMPTS[0], max_tokens=6, temperature=0, user="bob")   # waits its turn
     r = c.completions.create(model="x", prompt=PROMPTS[2], max_tokens=6, temperature=0, user="alice")
     t.join(60), t2.join(60)
@@ -319,17 +319,20 @@ def test_latest_wins_per_user(server, engine):
     assert r.choices[0].text == engine.generate(PROMPTS[2], max_new_tokens=6).text
 
 
-def test_global_latest_wins(plain_server, bundles):
-    eng = Engine(bundles("llama"))
-    p = next((p for p in PROMPTS if eng.generate(p, max_new_tokens=100).finish_reason == "length"), None)
-    assert p is not None
-    c = plain_server.client()
-    stale = {}
-    t = _stream_in_thread(c, stale, prompt=p, max_tokens=100, temperature=0)
-    _wait_running(plain_server)
-    r = c.completions.create(model="x", prompt=PROMPTS[0], max_tokens=6, temperature=0)
-    t.join(60)
-    assert stale["finish"] == "cancelled" and r.choices[0].text == eng.generate(PROMPTS[0], max_new_tokens=6).text
+def test_global_latest_wins(fim_bundle, engine):
+    p = long_prompt(engine)
+    s = Server(fim_bundle, "--latest-wins", "--no-warmup")
+    try:
+        c = s.client()
+        stale = {}
+        t = _stream_in_thread(c, stale, prompt=p, max_tokens=LONG, temperature=0)
+        assert stale["started"].wait(30)
+        r = c.completions.create(model="x", prompt=PROMPTS[0], max_tokens=6, temperature=0)   # no user: anyone's
+        t.join(60)
+        assert stale["finish"] == "cancelled"
+        assert r.choices[0].text == engine.generate(PROMPTS[0], max_new_tokens=6).text
+    finally:
+        s.stop()
 
 
 def test_full_queue_answers_429(server, engine):

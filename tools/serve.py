@@ -118,7 +118,12 @@ class Job:
     def __init__(self, ids: list[int], config: GenerationConfig, user: str | None, stream: bool):
         self.id, self.ids, self.config, self.user, self.stream = uuid.uuid4().hex[:24], ids, config, user, stream
         self.loop = asyncio.get_running_loop()
-        self.events: asyncio.Queue = asyncio.Queue()
+        # Events from the worker wait in `inbox`; the event loop is woken once per batch, not once per token: the
+        # tokens of one round arrive within microseconds, so a stream sends one event per round.
+        self.inbox: list[tuple[str, Any]] = []
+        self.inbox_lock = threading.Lock()
+        self.wake_scheduled = False
+        self.ready = asyncio.Event()
         self.lock = threading.Lock()   # orders cancel() against the worker creating the generator
         self.cancelled, self.gen = False, None
         self.t_submit, self.t_start = time.perf_counter(), None
@@ -128,8 +133,14 @@ class Job:
         return 1e3 * ((self.t_start or time.perf_counter()) - self.t_submit)
 
     def put(self, kind: str, value: Any) -> None:
+        """Called from the worker thread."""
+        with self.inbox_lock:
+            self.inbox.append((kind, value))
+            if self.wake_scheduled:
+                return
+            self.wake_scheduled = True
         with contextlib.suppress(RuntimeError):   # the event loop is gone: the server is shutting down
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+            self.loop.call_soon_threadsafe(self.ready.set)
 
     def cancel(self) -> None:
         with self.lock:
@@ -160,19 +171,18 @@ class Job:
         return result
 
     async def outcome(self) -> AsyncIterator[tuple[str, Any]]:
-        """The job's events; the deltas that arrived together (one round's) are joined into one."""
+        """The job's events, on the event loop: ("delta", the text that arrived since the last one) ..., then the end."""
         while True:
-            item, text = await self.events.get(), []
-            while item is not None and item[0] == "delta":
-                text.append(item[1])
-                try:
-                    item = self.events.get_nowait()
-                except asyncio.QueueEmpty:
-                    item = None
+            await self.ready.wait()
+            self.ready.clear()
+            with self.inbox_lock:
+                items, self.inbox, self.wake_scheduled = self.inbox, [], False
+            text = "".join(v for k, v in items if k == "delta")
             if text:
-                yield "delta", "".join(text)
-            if item is not None:
-                yield item
+                yield "delta", text
+            end = next((it for it in items if it[0] != "delta"), None)
+            if end is not None:
+                yield end
                 return
 
 
