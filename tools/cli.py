@@ -332,6 +332,8 @@ def demo(workdir, max_new_tokens, k):
               help="Where to run (default: the device the bundle was exported for).")
 @click.option("--k", type=click.IntRange(1, 32), default=None, help="Draft tokens per round (default: the bundle's).")
 @click.option("--no-speculation", is_flag=True, help="Plain decoding with the target only.")
+@click.option("--threads", type=click.IntRange(0, 1024), default=0, show_default=True,
+              help="onnxruntime threads for the target (0: its default, one per core).")
 @click.option("--queue-size", type=click.IntRange(1, 4096), default=16, show_default=True,
               help="Requests that may wait behind the running one; more are answered 429.")
 @click.option("--latest-wins", is_flag=True,
@@ -341,8 +343,8 @@ def demo(workdir, max_new_tokens, k):
 @click.option("--warmup/--no-warmup", default=True, show_default=True,
               help="Run a short generation at every step size before serving.")
 @click.option("--model-id", default=None, help="The model name /v1/models lists (default: the bundle folder's name).")
-def serve(bundle, host, port, api_key, provider, k, no_speculation, queue_size, latest_wins, max_body_bytes, warmup,
-          model_id):
+def serve(bundle, host, port, api_key, provider, k, no_speculation, threads, queue_size, latest_wins, max_body_bytes,
+          warmup, model_id):
     """An OpenAI-compatible HTTP server (completions, chat, fill-in-the-middle, streaming) for editors and apps.
 
     \b
@@ -380,7 +382,7 @@ def serve(bundle, host, port, api_key, provider, k, no_speculation, queue_size, 
         click.secho(f"warning: serving on {host}, reachable from other machines, without an API key: anyone who "
                     f"can reach this port can use the model. Set --api-key (or SPECEDGE_API_KEY).", fg="yellow",
                     err=True)
-    engine = Engine(bundle, provider)
+    engine = Engine(bundle, provider, threads)
     opts = ServeOptions(api_key=api_key, queue_size=queue_size, latest_wins=latest_wins,
                         max_body_bytes=max_body_bytes, k=k, speculative=False if no_speculation else None,
                         model_id=model_id)
