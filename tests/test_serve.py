@@ -388,6 +388,19 @@ BAD = [  # (endpoint, body, status, param, words in the message)
     ("/v1/chat/completions", {"messages": "hi"}, 422, "messages", "list"),
     ("/infill", {"input_prefix": "a", "n_predict": -2}, 400, "n_predict", "-1"),
     ("/infill", {"input_prefix": 3}, 422, "input_prefix", "string"),
+    ("/v1/completions", b"", 400, None, "not valid JSON"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": True}, 422, "max_tokens", "integer"),
+    ("/v1/completions", {"prompt": "x", "top_k": 2.5}, 422, "top_k", "integer"),
+    ("/v1/completions", b'{"prompt": "x", "top_p": Infinity}', 400, "top_p", "(0, 1]"),
+    ("/v1/completions", {"prompt": "x", "seed": 2 ** 70}, 400, "seed", "seed must be"),
+    ("/v1/completions", {"prompt": "x", "stop": ["a"] * 17}, 400, "stop", "at most 16"),
+    ("/v1/completions", {"prompt": [1, -2]}, 400, "prompt", "outside the vocabulary"),
+    ("/v1/completions", {"prompt": "x", "echo": True}, 400, "echo", "not supported"),
+    ("/v1/completions", {"prompt": [5, 6], "suffix": "y"}, 400, "suffix", "text prompt"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
+     "messages.0.content", "only text"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0}, 400,
+     "max_completion_tokens", "at least 1"),
 ]
 
 
@@ -399,6 +412,46 @@ def test_bad_input_is_a_clear_4xx(server, path, body, status, param, words):
     err = r.json()["error"]
     assert (r.status_code, err["param"]) == (status, param), err
     assert words in err["message"] and err["type"] == "invalid_request_error"
+
+
+FIELDS = ("prompt", "suffix", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "user", "n",
+          "echo", "logprobs", "messages", "max_completion_tokens", "input_prefix", "input_suffix", "n_predict", "model")
+
+
+def _json_values():
+    from hypothesis import strategies as st
+
+    leaf = (st.none() | st.booleans() | st.integers(-2 ** 70, 2 ** 70) | st.integers(-3, 40)
+            | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=12) | st.sampled_from(["user", "text"]))
+    return st.recursive(leaf, lambda c: st.lists(c, max_size=3) | st.dictionaries(
+        st.sampled_from(["role", "content", "type", "text", "x"]), c, max_size=3), max_leaves=6)
+
+
+def test_fuzzed_requests_never_get_a_5xx(server, engine):
+    """Random JSON bodies over the fields the endpoints know (wrong types, NaN, infinities, huge integers, nested
+    junk) and random bytes: every answer is a 2xx or a 4xx in OpenAI's shape, and the server serves on."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    h = server.http(KEY)
+    paths = st.sampled_from(["/v1/completions", "/v1/chat/completions", "/infill"])
+    bodies = st.dictionaries(st.sampled_from(FIELDS), _json_values(), max_size=6).map(
+        lambda d: json.dumps(d).encode()) | st.binary(max_size=40)
+
+    @settings(max_examples=int(os.environ.get("SPECEDGE_FUZZ_EXAMPLES", 80)), deadline=None,
+              derandomize="SPECEDGE_FUZZ_EXAMPLES" not in os.environ,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+    @given(path=paths, body=bodies)
+    def check(path, body):
+        r = h.post(path, content=body)
+        assert r.status_code < 500, (path, body, r.text)
+        if r.status_code >= 400:
+            err = r.json()["error"]
+            assert err["message"] and err["type"] == "invalid_request_error", err
+
+    check()
+    r = h.post("/v1/completions", json={"prompt": PROMPTS[3], "max_tokens": 8})
+    assert r.json()["choices"][0]["text"] == engine.generate(PROMPTS[3], max_new_tokens=8).text
 
 
 def test_http_errors_keep_the_openai_shape_and_the_server_serves_on(server, engine):

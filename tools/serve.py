@@ -167,6 +167,10 @@ class Job:
         except Exception as e:  # noqa: BLE001 - a SpecError is the request's fault (400), anything else ours (500)
             self.put("error", e)
             return None
+        finally:
+            close = getattr(self.gen, "close", None)   # releases the engine even when the generation failed
+            if close is not None:
+                close()
         self.put("done", result)
         return result
 
@@ -264,12 +268,12 @@ class Scheduler:
 def warmup(engine: Engine, k: int | None = None) -> None:
     """A short generation at every step size the loop uses (k+1 for k = 1..k_max, and the plain step), greedy and
     sampled: session start-up, allocation and CUDA graph capture happen now, not on the first request."""
-    k_max = k or engine.default_k
+    k_max = k or int(engine.manifest.defaults.get("k", 4))
+    ids = engine.encode("def f(x):\n    return")[:8]
     for kk in range(1, k_max + 1):
-        engine.generate([*engine.encode("def f(x):\n    return")][:8], max_new_tokens=kk + 2, k=kk)
-    engine.generate(engine.encode("import os\n")[:8], max_new_tokens=4, speculative=False)
-    engine.generate(engine.encode("import os\n")[:8], max_new_tokens=k_max + 2, k=k_max, temperature=0.8, seed=0)
-    engine.forget()
+        engine.generate(ids, max_new_tokens=kk + 2, k=kk)
+    engine.generate(ids, max_new_tokens=4, speculative=False)
+    engine.generate(ids, max_new_tokens=k_max + 2, k=k_max, temperature=0.8, seed=0)
 
 
 # -- helpers ----------------------------------------------------------------------------------------------------------
@@ -476,7 +480,7 @@ class Server:
         req = await _read(request, ChatRequest, self.opts.max_body_bytes)
         ids = self.chat_ids(req)
         field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-        cfg = self.config(req, len(ids), "messages", field, req.max_completion_tokens or req.max_tokens, None)
+        cfg = self.config(req, len(ids), "messages", field, getattr(req, field), None)
         return await self._respond(request, req, ids, cfg, "chat.completion", self._chat_body)
 
     async def infill(self, request):
