@@ -172,27 +172,32 @@ def plot(report: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, ax = plt.subplots(1, 4, figsize=(19, 4.2))
     runs = report["runs"]
     x = range(len(runs))
     w = 0.38
-    for j, (key, label) in enumerate((("ttft_ms", "TTFT (ms, median)"), ("tokens_per_s", "decode tokens/s (median)"))):
+    for j, (key, label) in enumerate((("ttft_ms", "TTFT (ms, median)"), ("tokens_per_s", "decode tokens/s (median)"),
+                                      ("overhead_ms", "TTFT minus the engine's own TTFT\n(same request; ms, median)"))):
         ax[j].bar([i - w / 2 for i in x], [m[f"{key}_engine"] for m in runs], w, label="Engine.generate")
         ax[j].bar([i + w / 2 for i in x], [m[f"{key}_server"] for m in runs], w, label="through the server (SSE)")
         ax[j].set_xticks(list(x), [f"run {i + 1}" for i in x])
         ax[j].set_title(label)
-        ax[j].legend(fontsize=8)
+        ax[j].legend(fontsize=8, loc="lower right")
+    ax[2].legend(fontsize=8, loc="upper left")
     k = report["keystroke"]
     for name, label in (("engine_cold", "cold (no reuse)"), ("engine_reuse", "prefix reuse, in-process"),
                         ("server", "prefix reuse, through the server")):
-        ax[2].plot(k[name]["prefill_ms"], marker=".", label=label)
-    ax[2].set_title("keystroke traffic: prefill per request (ms)")
-    ax[2].set_xlabel("keystroke (+3 characters each)")
-    ax[2].legend(fontsize=8)
+        ax[3].plot(k[name]["prefill_ms"], marker=".", label=label)
+    ax[3].set_title("keystroke traffic: prefill per request (ms)")
+    ax[3].set_xlabel("keystroke (+3 characters each)")
+    ax[3].legend(fontsize=8)
     fig.suptitle(f"spec-export serve vs in-process, {report['bundle']}, {report['machine']}")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--replot"]:   # redraw a saved report: --replot OUT.json
+        plot(json.loads(Path(sys.argv[2]).read_text()), Path(sys.argv[2]).with_suffix(".png"))
+    else:
+        main()
