@@ -342,8 +342,10 @@ def test_full_queue_answers_429(server, engine):
     p = long_prompt(engine)
     h = server.http(KEY)
     outs = [{} for _ in range(3)]
-    threads = [_stream_in_thread(server.client(KEY), o, prompt=p, max_tokens=LONG, user=f"u{i}")
-               for i, o in enumerate(outs)]
+    threads = [_stream_in_thread(server.client(KEY), outs[0], prompt=p, max_tokens=LONG, user="u0")]
+    assert outs[0]["started"].wait(30)   # u0 runs; u1 and u2 wait
+    threads += [_stream_in_thread(server.client(KEY), o, prompt=p, max_tokens=LONG, user=f"u{i}")
+                for i, o in enumerate(outs) if i]
     deadline = time.monotonic() + 30
     while h.get("/health").json()["waiting"] < 2:   # one running, two waiting: the queue (size 2) is full
         assert time.monotonic() < deadline
