@@ -199,9 +199,18 @@ def _build(o: ExportOptions, tp: str, dp: str, verdict, tmp: Path, say) -> Manif
                                 eos_token_ids=tuple(fp["eos_token_ids"]), pad_token_id=fp["pad_token_id"],
                                 add_bos=fp["add_bos"]),
         files=files, compatibility=verdict.to_dict(), parity=records,
-        tools=_tool_versions() | {"export_seconds": timings}, defaults={"k": o.k})
+        tools=_tool_versions() | {"export_seconds": timings}, defaults=_defaults(o, tok))
     (tmp / MANIFEST).write_text(manifest.to_json())
     return manifest
+
+
+def _defaults(o: ExportOptions, tok) -> dict:
+    """The runtime's defaults; the tokenizer's fill-in-the-middle tokens, when it has them, go here too (a free-form
+    dict: the schema stays at its version, and older bundles fall back to scanning the tokenizer)."""
+    from ..tools.prompting import fim_tokens
+
+    fim = fim_tokens(tok)
+    return {"k": o.k} | ({"fim": fim} if fim else {})
 
 
 def _replace(tmp: Path, out: Path) -> None:

@@ -18,15 +18,18 @@ def stdlib_files(limit: int | None = None) -> list[Path]:
     return files[:limit] if limit else files
 
 
-def train_tokenizer(out: Path, vocab_size: int = 512, files: list[Path] | None = None) -> Path:
-    """Byte-level BPE trained on real code; saved as HF tokenizer files (tokenizer.json + config)."""
+def train_tokenizer(out: Path, vocab_size: int = 512, files: list[Path] | None = None,
+                    extra_special_tokens: tuple[str, ...] = (), chat_template: str | None = None) -> Path:
+    """Byte-level BPE trained on real code; saved as HF tokenizer files (tokenizer.json + config).
+    extra_special_tokens (e.g. FIM tokens) get ids after the three standard ones; chat_template is saved into
+    tokenizer_config.json, as Hugging Face chat models ship it."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|bos|>", "<|pad|>"]
+    specials = ["<|endoftext|>", "<|bos|>", "<|pad|>", *extra_special_tokens]
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     files = files or stdlib_files(limit=40)
@@ -36,6 +39,8 @@ def train_tokenizer(out: Path, vocab_size: int = 512, files: list[Path] | None =
     tok.post_processor = processors.TemplateProcessing(single="<|bos|> $A", special_tokens=[("<|bos|>", bos)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|endoftext|>",
                                    pad_token="<|pad|>", unk_token=None)
+    if chat_template is not None:
+        fast.chat_template = chat_template
     out.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(out)
     return out

@@ -89,6 +89,7 @@ def main():
       spec-export inspect ./bundle
       spec-export distill --target ./llama-1b --draft ./llama-60m --corpus ./my-code --minutes 30 --out ./d
       spec-export generate ./bundle --prompt "def quicksort(xs):" --max-new-tokens 64 --json
+      spec-export serve ./bundle --port 8080
     """
 
 
@@ -459,3 +460,80 @@ def demo(workdir, max_new_tokens, k):
     click.echo(f"plain {p.tokens_per_s:.1f} tok/s | speculative {s.tokens_per_s:.1f} tok/s "
                f"({s.tokens_per_s / p.tokens_per_s:.2f}x) | alpha {s.alpha:.2f} tau {s.mean_accepted_length:.2f} "
                f"k {s.k} | outputs {same}")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind. Loopback by default: only this machine can connect.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="0: any free port.")
+@click.option("--api-key", envvar="SPECEDGE_API_KEY", default=None,
+              help="Require `Authorization: Bearer KEY` on every request (env SPECEDGE_API_KEY).")
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "rtx", "trt"]), default=None,
+              help="Where to run (default: the device the bundle was exported for).")
+@click.option("--k", type=click.IntRange(1, 32), default=None, help="Draft tokens per round (default: the bundle's).")
+@click.option("--no-speculation", is_flag=True, help="Plain decoding with the target only.")
+@click.option("--threads", type=click.IntRange(0, 1024), default=0, show_default=True,
+              help="onnxruntime threads for the target (0: its default, one per core).")
+@click.option("--queue-size", type=click.IntRange(1, 4096), default=16, show_default=True,
+              help="Requests that may wait behind the running one; more are answered 429.")
+@click.option("--latest-wins", is_flag=True,
+              help="Every new request cancels all older ones (one editor); by default only the same `user`'s.")
+@click.option("--max-body-bytes", type=click.IntRange(1024, None), default=1 << 20, show_default=True,
+              help="Larger request bodies are answered 413.")
+@click.option("--warmup/--no-warmup", default=True, show_default=True,
+              help="Run a short generation at every step size before serving.")
+@click.option("--model-id", default=None, help="The model name /v1/models lists (default: the bundle folder's name).")
+def serve(bundle, host, port, api_key, provider, k, no_speculation, threads, queue_size, latest_wins, max_body_bytes,
+          warmup, model_id):
+    """An OpenAI-compatible HTTP server (completions, chat, fill-in-the-middle, streaming) for editors and apps.
+
+    \b
+    Needs the serve extra: pip install "specedge[serve]". See docs/serve.md.
+    Example:
+      spec-export serve ./bundle --port 8080
+      curl http://127.0.0.1:8080/v1/completions -H 'Content-Type: application/json' \\
+          -d '{"prompt": "def fib(n):", "max_tokens": 32}'
+    """
+    import socket
+
+    from ..runtime import Engine
+    from ..runtime.errors import InvalidArgument
+
+    try:
+        import uvicorn
+
+        from .serve import ServeOptions, is_loopback, make_app, warmup as warm
+    except ImportError as e:
+        raise InvalidArgument(f"the server needs the serve extra ({e.name} is missing): "
+                              f"pip install 'specedge[serve]'") from e
+    if api_key is not None and not api_key.strip():
+        raise InvalidArgument("--api-key is empty: give a key, or leave the option out for no authentication")
+    # Bind now (a taken port fails before the model loads); listen only once the engine is warm.
+    # IPPROTO_TCP named explicitly: asyncio turns Nagle off (TCP_NODELAY) only on sockets that say they are TCP, and
+    # with Nagle on, a response body written after its headers waits 40 ms for the client's delayed ACK.
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        raise InvalidArgument(f"cannot bind {host}:{port} ({e.strerror}): pick another --port or --host") from e
+    if not is_loopback(host) and not api_key:
+        click.secho(f"warning: serving on {host}, reachable from other machines, without an API key: anyone who "
+                    f"can reach this port can use the model. Set --api-key (or SPECEDGE_API_KEY).", fg="yellow",
+                    err=True)
+    engine = Engine(bundle, provider, threads)
+    opts = ServeOptions(api_key=api_key, queue_size=queue_size, latest_wins=latest_wins,
+                        max_body_bytes=max_body_bytes, k=k, speculative=False if no_speculation else None,
+                        model_id=model_id)
+    app = make_app(engine, opts, bundle)
+    if warmup:
+        click.echo("warming up (every step size)...", err=True)
+        warm(engine, k)
+    bound_host, bound_port = sock.getsockname()[:2]
+    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+    click.echo(f"serving {app.state.server.model_id} at http://{shown}:{bound_port}/v1 "
+               f"({'API key required' if api_key else 'no API key'}; Ctrl+C stops)", err=True)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=3)
+    uvicorn.Server(config).run(sockets=[sock])
