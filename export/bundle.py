@@ -16,6 +16,9 @@ from .check import check_pair, require_compatible, tokenizer_fingerprint
 from .graphs import PRECISIONS, build_graph
 
 
+DEFAULT_MAX_LENGTH = 2048
+
+
 @dataclass(frozen=True)
 class ExportOptions:
     target: Path
@@ -24,7 +27,7 @@ class ExportOptions:
     target_precision: str | None = None   # default: fp32 on cpu/trt, fp16 on cuda/rtx
     draft_precision: str | None = None    # default: int4; fp8 on trt
     device: str = "cpu"                   # cpu | cuda | rtx (TensorRT-RTX) | trt (native TensorRT)
-    max_length: int = 2048
+    max_length: int | None = None         # None: DEFAULT_MAX_LENGTH, or less if either model's limit is lower
     force: bool = False
     k: int = 4                            # default draft length recorded in the manifest
 
@@ -40,23 +43,38 @@ def export_bundle(o: ExportOptions, progress=None) -> Manifest:
     say(0, 6, "checking compatibility")
     verdict = check_pair(Path(o.target), Path(o.draft))
     require_compatible(verdict)
-    for info in (verdict.target, verdict.draft):
-        limit = _max_positions(Path(info.path))
-        if limit and o.max_length > limit:
-            raise InvalidArgument(f"--max-length {o.max_length} exceeds {info.path}'s max_position_embeddings "
-                                  f"({limit}); use --max-length {limit} or less")
-    if o.max_length < 16:
-        raise InvalidArgument(f"--max-length {o.max_length} is too small; use at least 16")
+    o, context_note = _context_length(o, verdict)
+    say(0, 6, f"context length {o.max_length}: {context_note}")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        manifest = _build(o, tp, dp, verdict, tmp, say)
+        manifest = _build(o, tp, dp, verdict, tmp, say, context_note)
         _replace(tmp, out)
         return manifest
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _context_length(o: ExportOptions, verdict) -> tuple[ExportOptions, str]:
+    """o with max_length resolved, and how it was chosen. A value the user gave must fit both models (else an
+    error); without one, the default shrinks to the smaller model's limit: a default nobody typed is never an error."""
+    limits = {role: _max_positions(Path(info.path)) for role, info in (("target", verdict.target),
+                                                                        ("draft", verdict.draft))}
+    if o.max_length is None:
+        known = {role: n for role, n in limits.items() if n}
+        n = min([DEFAULT_MAX_LENGTH, *known.values()])
+        parts = [str(DEFAULT_MAX_LENGTH)] + [f"the {role}'s max_position_embeddings {v}" for role, v in known.items()]
+        return dataclasses.replace(o, max_length=n), f"default, min({', '.join(parts)}); set it with --max-length"
+    for role, limit in limits.items():
+        if limit and o.max_length > limit:
+            info = getattr(verdict, role)
+            raise InvalidArgument(f"--max-length {o.max_length} exceeds {info.path}'s max_position_embeddings "
+                                  f"({limit}); use --max-length {limit} or less")
+    if o.max_length < 16:
+        raise InvalidArgument(f"--max-length {o.max_length} is too small; use at least 16")
+    return o, "--max-length as given"
 
 
 def _precisions(o: ExportOptions) -> tuple[str, str]:
@@ -86,7 +104,7 @@ def _precisions(o: ExportOptions) -> tuple[str, str]:
     return tp, dp
 
 
-def _build(o: ExportOptions, tp: str, dp: str, verdict, tmp: Path, say) -> Manifest:
+def _build(o: ExportOptions, tp: str, dp: str, verdict, tmp: Path, say, context_note: str) -> Manifest:
     from tokenizers import Tokenizer
 
     fp = tokenizer_fingerprint(Path(o.target))
@@ -95,6 +113,7 @@ def _build(o: ExportOptions, tp: str, dp: str, verdict, tmp: Path, say) -> Manif
     tok = Tokenizer.from_file(str(tmp / "tokenizer.json"))
     prompts = [tok.encode(p).ids[: o.max_length] for p in parity.PROMPTS]
     log = tmp / "export.log"
+    log.write_text(f"context length (max_length) {o.max_length}: {context_note}\n")
     specs, records, timings = {}, {}, {}
     for step, (role, src, precision, info) in enumerate(
             [("target", o.target, tp, verdict.target), ("draft", o.draft, dp, verdict.draft)]):
@@ -127,7 +146,8 @@ def _build(o: ExportOptions, tp: str, dp: str, verdict, tmp: Path, say) -> Manif
                                 eos_token_ids=tuple(fp["eos_token_ids"]), pad_token_id=fp["pad_token_id"],
                                 add_bos=fp["add_bos"]),
         files=files, compatibility=verdict.to_dict(), parity=records,
-        tools=_tool_versions() | {"export_seconds": timings}, defaults={"k": o.k})
+        tools=_tool_versions() | {"export_seconds": timings, "max_length": f"{o.max_length}: {context_note}"},
+        defaults={"k": o.k})
     (tmp / MANIFEST).write_text(manifest.to_json())
     return manifest
 
@@ -160,7 +180,3 @@ def _tool_versions() -> dict:
         except PackageNotFoundError:
             pass
     return v
-
-
-def as_dict(o: ExportOptions) -> dict:
-    return {k: str(v) for k, v in dataclasses.asdict(o).items()}

@@ -16,12 +16,12 @@ import numpy as np
 import onnx
 
 from ..runtime.errors import ExportError
+from ..runtime.manifest import PRECISIONS  # noqa: F401  (re-exported: the exporter's precisions are the manifest's)
 
 # Architectures the builder handles with plain full attention (checked against onnxruntime-genai 0.18).
 BUILDER_ARCHS = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                  "Phi3ForCausalLM", "GemmaForCausalLM", "GraniteForCausalLM", "OlmoForCausalLM",
                  "SmolLM3ForCausalLM", "NemotronForCausalLM", "PhiForCausalLM"}
-PRECISIONS = ("fp32", "fp16", "int8", "int4", "fp8")
 BUILDER_EP = {"cpu": "cpu", "cuda": "cuda", "rtx": "NvTensorRtRtx"}
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import numpy as np
 
 from .model import KVModel
-from .sampling import distribution
 
 
 def next_logits(model: KVModel, tokens: list[int]) -> np.ndarray:
@@ -26,12 +25,3 @@ def greedy(model: KVModel, prompt: list[int], max_new_tokens: int, eos: frozense
         tokens.append(t)
     return tokens[len(prompt):]
 
-
-def sequence_probability(model: KVModel, prompt: list[int], response: list[int], temperature: float,
-                         top_k: int = 0, top_p: float = 1.0) -> float:
-    """Probability that target-only sampling (processed as in the runtime) produces `response` after `prompt`."""
-    prob, tokens = 1.0, list(prompt)
-    for t in response:
-        prob *= float(distribution(next_logits(model, tokens), temperature, top_k, top_p)[t])
-        tokens.append(t)
-    return prob
