@@ -57,7 +57,8 @@ def test_gpu_bundles_are_exact(bundles, device):
 def test_trt_bundle_has_plain_graphs_and_an_fp8_draft(bundles):
     """Native TensorRT gets plain-op torch.onnx graphs; the draft is quantized to FP8 by ModelOpt (in its own
     environment, created on first use) and validated on the CPU provider, which emulates FP8. A machine where that
-    environment cannot be created (no package index) skips, saying so; CI sets SPECEDGE_REQUIRE_FP8=1 to fail instead."""
+    environment cannot be created (no package index) skips, saying so; a CI that must run it sets
+    SPECEDGE_REQUIRE_FP8=1 to fail instead."""
     import onnx
 
     try:
