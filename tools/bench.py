@@ -144,9 +144,14 @@ def make_configs(engine: Engine, ks, baselines, sampling: GenerationConfig, say)
     if "spec" in baselines:
         configs += [Config(f"spec-k{k}", k, ours(k)) for k in ks]
     skipped = {}
-    for name, k, make in _peer_factories(engine, ks, baselines, skipped, say):
-        peer = make()
-        configs.append(Config(name, k, _peer_run(peer, sampling), peer.close))
+    try:
+        for name, k, make in _peer_factories(engine, ks, baselines, skipped, say):
+            peer = make()
+            configs.append(Config(name, k, _peer_run(peer, sampling), peer.close))
+    except BaseException:
+        for c in configs:  # the peers already started hold sessions and temporary folders
+            c.close()
+        raise
     return configs, skipped
 
 
