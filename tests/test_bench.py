@@ -276,3 +276,14 @@ def test_peers_sample_with_the_bench_settings(bundles):
     finally:
         peer.close()
     assert hot[0] == hot[2] and hot[0] != hot[1] and hot[0] != greedy   # seeded sampling, not greedy
+
+
+def test_tune_does_not_recommend_a_gain_the_timing_model_cannot_explain(tmp_path):
+    """alpha 0 cannot be faster than plain: a measured 1.2x there is noise (a busy machine), not a recommendation."""
+    from specedge.tools import tune
+
+    noisy = {"bundle": str(tmp_path), "alpha": 0.0, "c": 0.6, "predicted": {1: 0.6}, "measured": {1: 1.2},
+             "best_k": 1, "best_speedup": 1.2, "plain_tokens_per_s": 100.0, "mean_new_tokens": 10.0}
+    out = tune.choose(tmp_path, [noisy])
+    assert out["choice"]["speculative"] is False and out["choice"]["written_to"] == str(tmp_path)
+    assert "is noise: α and c predict 0.60x" in out["reasons"][0] and "acceptance α = 0.00" in out["reasons"][1]

@@ -47,9 +47,15 @@ def measure(bundle: Path, prompts: list[str], max_new_tokens: int, k_range: rang
 def choose(bundle: Path, evaluated: list[dict]) -> dict:
     """The best bundle and k, or plain decoding with the reasons; `written_to` is the bundle whose defaults change."""
     best = max(evaluated, key=lambda e: e["best_speedup"])
-    pays = best["best_speedup"] >= PAYS
+    # Both must agree: a measured gain the timing model cannot explain from alpha and c (alpha 0 "winning" on a busy
+    # machine) is noise, and recommending speculation on noise would make every request slower.
+    predicted = best["predicted"].get(best["best_k"], 0.0)
+    pays = best["best_speedup"] >= PAYS and predicted >= 1.0
     reasons = []
     if not pays:
+        if best["best_speedup"] >= PAYS:
+            reasons.append(f"the measured {best['best_speedup']:.2f}x at k={best['best_k']} is noise: α and c "
+                           f"predict {predicted:.2f}x; measure with more prompts on a quiet machine")
         if best["alpha"] < 0.55:
             reasons.append(f"acceptance α = {best['alpha']:.2f} is below the ~0.55-0.6 where speculation pays")
         if best["c"] > 0.3:
