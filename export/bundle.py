@@ -18,6 +18,9 @@ from .distill import DISTILL_CARD
 from .graphs import PRECISIONS, build_graph
 
 
+DEFAULT_MAX_LENGTH = 2048
+
+
 @dataclass(frozen=True)
 class ExportOptions:
     target: Path
@@ -26,7 +29,7 @@ class ExportOptions:
     target_precision: str | None = None   # default: fp32 on cpu/trt, fp16 on cuda/rtx
     draft_precision: str | None = None    # default: int4; fp8 on trt
     device: str = "cpu"                   # cpu | cuda | rtx (TensorRT-RTX) | trt (native TensorRT)
-    max_length: int = 2048
+    max_length: int | None = None         # None: DEFAULT_MAX_LENGTH, or less if either model's limit is lower
     force: bool = False
     k: int = 4                            # default draft length recorded in the manifest
 
@@ -49,14 +52,9 @@ def export_bundle(o: ExportOptions, progress=None, log=None) -> Manifest:
         say(0, 6, "checking compatibility")
         verdict = check_pair(Path(o.target), Path(o.draft))
         require_compatible(verdict)
-        for info in (verdict.target, verdict.draft):
-            limit = _max_positions(Path(info.path))
-            if limit and o.max_length > limit:
-                raise InvalidArgument(f"--max-length {o.max_length} exceeds {info.path}'s max_position_embeddings "
-                                      f"({limit}); use --max-length {limit} or less")
-        if o.max_length < 16:
-            raise InvalidArgument(f"--max-length {o.max_length} is too small; use at least 16")
-        manifest = _build(o, tp, dp, verdict, tmp, say)
+        o, context_note = _context_length(o, verdict)
+        say(0, 6, f"context length {o.max_length}: {context_note}")
+        manifest = _build(o, tp, dp, verdict, tmp, say, context_note)
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp made it 0700: give the bundle an ordinary folder's permissions
         _replace(tmp, out)
         return manifest
@@ -128,6 +126,26 @@ def _umask() -> int:
     return mask
 
 
+def _context_length(o: ExportOptions, verdict) -> tuple[ExportOptions, str]:
+    """o with max_length resolved, and how it was chosen. A value the user gave must fit both models (else an
+    error); without one, the default shrinks to the smaller model's limit: a default nobody typed is never an error."""
+    limits = {role: _max_positions(Path(info.path)) for role, info in (("target", verdict.target),
+                                                                        ("draft", verdict.draft))}
+    if o.max_length is None:
+        known = {role: n for role, n in limits.items() if n}
+        n = min([DEFAULT_MAX_LENGTH, *known.values()])
+        parts = [str(DEFAULT_MAX_LENGTH)] + [f"the {role}'s max_position_embeddings {v}" for role, v in known.items()]
+        return dataclasses.replace(o, max_length=n), f"default, min({', '.join(parts)}); set it with --max-length"
+    for role, limit in limits.items():
+        if limit and o.max_length > limit:
+            info = getattr(verdict, role)
+            raise InvalidArgument(f"--max-length {o.max_length} exceeds {info.path}'s max_position_embeddings "
+                                  f"({limit}); use --max-length {limit} or less")
+    if o.max_length < 16:
+        raise InvalidArgument(f"--max-length {o.max_length} is too small; use at least 16")
+    return o, "--max-length as given"
+
+
 def _precisions(o: ExportOptions) -> tuple[str, str]:
     """The (target, draft) precisions for o.device, or an InvalidArgument naming the combination and the fix."""
     if o.device not in ("cpu", "cuda", "rtx", "trt"):
@@ -155,7 +173,7 @@ def _precisions(o: ExportOptions) -> tuple[str, str]:
     return tp, dp
 
 
-def _build(o: ExportOptions, tp: str, dp: str, verdict, tmp: Path, say) -> Manifest:
+def _build(o: ExportOptions, tp: str, dp: str, verdict, tmp: Path, say, context_note: str) -> Manifest:
     from tokenizers import Tokenizer
 
     fp = tokenizer_fingerprint(Path(o.target))
@@ -164,6 +182,7 @@ def _build(o: ExportOptions, tp: str, dp: str, verdict, tmp: Path, say) -> Manif
     tok = Tokenizer.from_file(str(tmp / "tokenizer.json"))
     prompts = [tok.encode(p).ids[: o.max_length] for p in parity.PROMPTS]
     log = tmp / "export.log"
+    log.write_text(f"context length (max_length) {o.max_length}: {context_note}\n")
     specs, records, timings = {}, {}, {}
     for step, (role, src, precision, info) in enumerate(
             [("target", o.target, tp, verdict.target), ("draft", o.draft, dp, verdict.draft)]):
@@ -199,7 +218,8 @@ def _build(o: ExportOptions, tp: str, dp: str, verdict, tmp: Path, say) -> Manif
                                 eos_token_ids=tuple(fp["eos_token_ids"]), pad_token_id=fp["pad_token_id"],
                                 add_bos=fp["add_bos"]),
         files=files, compatibility=verdict.to_dict(), parity=records,
-        tools=_tool_versions() | {"export_seconds": timings}, defaults=_defaults(o, tok))
+        tools=_tool_versions() | {"export_seconds": timings, "max_length": f"{o.max_length}: {context_note}"},
+        defaults=_defaults(o, tok))
     (tmp / MANIFEST).write_text(manifest.to_json())
     return manifest
 
@@ -246,7 +266,3 @@ def _tool_versions() -> dict:
         except PackageNotFoundError:
             pass
     return v
-
-
-def as_dict(o: ExportOptions) -> dict:
-    return {k: str(v) for k, v in dataclasses.asdict(o).items()}

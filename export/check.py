@@ -220,7 +220,8 @@ def tokenizer_fingerprint(path: Path) -> dict:
     }
 
 
-def _tokenizer_problems(tt: _Tok, dt: _Tok) -> tuple[list[str], list[str]]:
+def _tokenizer_problems(tt: _Tok, dt: _Tok, one_family: bool = True) -> tuple[list[str], list[str]]:
+    """one_family False: the draft is of another family, so copying tokenizer files could not make it fit."""
     errors, warnings = [], []
     same = "the draft must use the target's tokenizer: pick a draft of the target's family (e.g. a smaller sibling)"
     t_ids, d_ids = ({i: s for s, i in t.vocab.items()} for t in (tt, dt))
@@ -236,9 +237,11 @@ def _tokenizer_problems(tt: _Tok, dt: _Tok) -> tuple[list[str], list[str]]:
     for name in SPECIALS:
         (ti, tx), (di, dx) = tt.specials[name], dt.specials[name]
         if ti != di or tx != dx:
+            fix = (f"{same}, or copy the target's tokenizer files and *_token_id entries (config.json, "
+                   f"generation_config.json) to the draft") if one_family else \
+                "the draft must come from the target's family, whose models share its tokenizer and special tokens"
             errors.append(f"{name.upper()} token differs: target id {list(ti)} {tx!r} vs draft id {list(di)} {dx!r}; "
-                          f"{same}, or copy the target's tokenizer files and *_token_id entries (config.json, "
-                          f"generation_config.json) to the draft")
+                          f"{fix}")
     if tt.add_bos != dt.add_bos:
         says = lambda b: "prepends BOS" if b else "does not prepend BOS"  # noqa: E731
         errors.append(f"the target tokenizer {says(tt.add_bos)} but the draft's {says(dt.add_bos)}; {same}")
@@ -262,8 +265,8 @@ def check_pair(target: Path, draft: Path) -> Verdict:
     """The verdict for drafting `target` with `draft`. Raises ExportError only for unreadable folders."""
     t, d = model_info(target), model_info(draft)
     tt, dt = _read_tokenizer(target), _read_tokenizer(draft)
-    errors, warnings = _tokenizer_problems(tt, dt)
     family_errors, family_warnings = _family_problems(t, d)
+    errors, warnings = _tokenizer_problems(tt, dt, one_family=not family_errors)
     errors, warnings = errors + family_errors, warnings + family_warnings
 
     n_tok = max(tt.size, dt.size)

@@ -25,6 +25,11 @@ MODELOPT = "nvidia-modelopt[onnx]==0.47.0"
 TORCH = "torch==2.13.0"   # installed first: ModelOpt depends on torch, and an unpinned one pulls a CUDA build
 
 
+class ModelOptUnavailable(ExportError):
+    """The ModelOpt environment cannot be created here (no writable folder, no package index): a property of the
+    machine, not of the model. Tests skip on it; a failure of the quantization itself is a plain ExportError."""
+
+
 def env_dir() -> Path:
     return Path(os.environ.get("SPECEDGE_MODELOPT_ENV", cache_root() / "modelopt-venv"))
 
@@ -42,7 +47,7 @@ def ensure_env() -> Path:
         env.parent.mkdir(parents=True, exist_ok=True)
         f = open(log, "w")
     except OSError as e:
-        raise ExportError(f"{why} ({e})") from e
+        raise ModelOptUnavailable(f"{why} ({e})") from e
     with f:
         for cmd in ([sys.executable, "-m", "venv", str(env)],
                     [str(python), "-m", "pip", "install", "-q", TORCH],
@@ -51,7 +56,8 @@ def ensure_env() -> Path:
             f.flush()
             if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode:
                 shutil.rmtree(env, ignore_errors=True)
-                raise ExportError(f"{why} (see {log})")
+                tail = "".join(open(log).readlines()[-3:]).strip()
+                raise ModelOptUnavailable(f"{why} (see {log}; it ends: {tail})")
     (env / ".ready").touch()
     return python
 

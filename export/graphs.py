@@ -18,12 +18,12 @@ import onnx
 from ..runtime.errors import ExportError
 from .check import TOKENIZER_FILES
 from .torch_export import PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE
+from ..runtime.manifest import PRECISIONS  # noqa: F401  (re-exported: the exporter's precisions are the manifest's)
 
 # Architectures the builder handles with plain full attention (checked against onnxruntime-genai 0.18).
 BUILDER_ARCHS = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                  "Phi3ForCausalLM", "GemmaForCausalLM", "GraniteForCausalLM", "OlmoForCausalLM",
                  "SmolLM3ForCausalLM", "NemotronForCausalLM", "PhiForCausalLM"}
-PRECISIONS = ("fp32", "fp16", "int8", "int4", "fp8")
 BUILDER_EP = {"cpu": "cpu", "cuda": "cuda", "rtx": "NvTensorRtRtx"}
 
 

@@ -16,6 +16,7 @@ from .errors import BundleError
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 PARITY_NUMBERS = {"max_abs_logit_diff", "top1_agreement", "step_max_abs_diff", "step_top1_agreement"}
+PRECISIONS = ("fp32", "fp16", "int8", "int4", "fp8")   # what ModelSpec.precision may say (fp8: TensorRT drafts only)
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,7 @@ class ModelSpec:
     architecture: str         # e.g. LlamaForCausalLM
     model_type: str           # e.g. llama
     parameters: int
-    precision: str            # fp32 | fp16 | int8 | int4
+    precision: str            # one of PRECISIONS
     provider: str             # cpu | cuda
     graph: str                # path of the .onnx file, relative to the bundle
     kv_layout: str            # "inplace": one [1, kv_heads, max_length, head_dim] buffer per layer bound as past and

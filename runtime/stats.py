@@ -69,6 +69,13 @@ class Stats:
     def tokens_per_s(self) -> float:
         return 1e3 * self.new_tokens / self.decode_ms if self.decode_ms else 0.0
 
+    @property
+    def tokens_per_s_after_first(self) -> float:
+        """(new_tokens - 1) / (first token to last): the decode rate a caller timing tokens sees, measurable the
+        same way for any runtime (the bench compares peers by it); time to first token is reported beside it."""
+        t = sum(self.token_ms[1 : self.new_tokens])
+        return 1e3 * (self.new_tokens - 1) / t if t > 0 else 0.0
+
     def percentile(self, q: float) -> float:
         return float(np.percentile(self.token_ms, q)) if self.token_ms else 0.0
 

@@ -213,3 +213,18 @@ def test_missing_files(m, tmp_path, missing, named):
     with pytest.raises(ExportError) as e:
         check_pair(m["target"], broken)
     assert named in str(e.value) and "save_pretrained" in str(e.value)  # the problem and the fix
+
+
+def test_other_family_special_tokens_advise_the_family_not_copying(m, tmp_path):
+    """A gpt2 draft with another EOS: copying the llama target's tokenizer files into it would not make a usable draft."""
+    eos = variant(m["gpt2"], tmp_path / "eos", config={"eos_token_id": 2}, generation_config={"eos_token_id": 2},
+                  tokenizer_config={"eos_token": "<|pad|>"})
+    errors = check_pair(m["target"], eos).errors
+    [special] = [e for e in errors if e.startswith("EOS token differs")]
+    assert "copy the target's tokenizer files" not in special
+    assert "the draft must come from the target's family" in special
+    assert any("different model families (llama target, gpt2 draft)" in e for e in errors)
+    # same family: copying the tokenizer files is still the advice
+    same = variant(m["draft"], tmp_path / "same", config={"eos_token_id": 2}, generation_config={"eos_token_id": 2},
+                   tokenizer_config={"eos_token": "<|pad|>"})
+    assert "copy the target's tokenizer files" in check_pair(m["target"], same).errors[0]

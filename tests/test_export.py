@@ -70,3 +70,16 @@ def test_manifest_is_plain_versioned_json(bundles):
     data = json.loads((bundles("llama") / "manifest.json").read_text())
     assert data["schema_version"] == 1 and data["defaults"] == {"k": 4}
     assert data["tools"]["onnxruntime"] and data["target"]["graph"] == "target/model.onnx"
+
+
+def test_default_context_length_fits_the_models(checkpoints, tmp_path):
+    """Without --max-length the context is min(2048, both models' max_position_embeddings), said in the manifest and
+    the export log; a value the user typed that does not fit stays an error."""
+    target, draft = checkpoints("llama")                                  # max_position_embeddings 256
+    m = export_bundle(ExportOptions(target=target, draft=draft, out=tmp_path / "b"))
+    assert m.target.max_length == m.draft.max_length == 256
+    assert m.tools["max_length"].startswith("256: default, min(2048, the target's max_position_embeddings 256")
+    assert "context length (max_length) 256: default" in (tmp_path / "b" / "export.log").read_text()
+    assert load_manifest(tmp_path / "b", verify=True).defaults == {"k": 4}  # schema unchanged
+    with pytest.raises(InvalidArgument, match="--max-length 300 exceeds .*max_position_embeddings .256."):
+        export_bundle(ExportOptions(target=target, draft=draft, out=tmp_path / "c", max_length=300))

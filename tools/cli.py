@@ -8,8 +8,12 @@ from pathlib import Path
 
 import click
 
+from ..runtime.config import MAX_K
 from ..runtime.errors import SpecError
-from ..runtime.manifest import PARITY_NUMBERS
+from ..runtime.manifest import PARITY_NUMBERS, PRECISIONS
+from ..runtime.providers import PROVIDERS
+
+DEVICES = tuple(PROVIDERS)   # cpu, cuda, rtx, trt: what a bundle is exported for is where it runs
 
 
 class _Group(click.Group):
@@ -33,7 +37,7 @@ class FiniteFloat(click.FloatRange):
 
 POSITIVE = FiniteFloat(min=0, min_open=True)
 TOKENS = click.IntRange(min=1)    # a token count
-K = click.IntRange(1, 32)         # draft tokens per round (the runtime's MAX_K)
+K = click.IntRange(1, MAX_K)      # draft tokens per round
 CHECKPOINT = click.Path(exists=True, file_okay=False, path_type=Path)
 INPUT_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 
@@ -127,15 +131,16 @@ def check(target, draft, as_json):
 @click.option("--target", type=CHECKPOINT, required=True, help="Target checkpoint folder (HF).")
 @click.option("--draft", type=CHECKPOINT, required=True, help="Draft checkpoint folder (HF).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Bundle folder to write.")
-@click.option("--target-precision", type=click.Choice(["fp32", "fp16", "int8", "int4"]), default=None,
+@click.option("--target-precision", type=click.Choice(PRECISIONS), default=None,
               help="Default: fp32 on cpu/trt, fp16 on cuda/rtx (fp16 is refused on cpu).")
-@click.option("--draft-precision", type=click.Choice(["int4", "int8", "fp16", "fp32", "fp8"]), default=None,
+@click.option("--draft-precision", type=click.Choice(PRECISIONS), default=None,
               help="Default: int4; fp8 on trt (fp8 is for TensorRT only).")
-@click.option("--device", type=click.Choice(["cpu", "cuda", "rtx", "trt"]), default="cpu", show_default=True,
+@click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True,
               help="What the graphs are built for: cpu, cuda (onnxruntime-gpu), rtx (TensorRT-RTX plugin), "
                    "trt (native TensorRT via onnxruntime).")
-@click.option("--max-length", type=click.IntRange(16, None), default=2048, show_default=True,
-              help="Context length (prompt + response) the KV buffers hold.")
+@click.option("--max-length", type=click.IntRange(16, None), default=None,
+              help="Context length (prompt + response) the KV buffers hold. Default: 2048, or less when either "
+                   "model's max_position_embeddings is smaller.")
 @click.option("--k", type=K, default=4, show_default=True, help="Default draft length.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle (atomically).")
 def export(target, draft, out, target_precision, draft_precision, device, max_length, k, force):
@@ -161,6 +166,7 @@ def export(target, draft, out, target_precision, draft_precision, device, max_le
             m = export_bundle(opts, progress=lambda i, n, text: bar.update(task, completed=i, description=text),
                               log=bar.console.print)
     click.echo(describe(m, out))
+    click.echo(f"  context length {m.target.max_length}: {m.tools['max_length']}")
     click.secho(f"bundle written to {out}", fg="green")
 
 
@@ -280,7 +286,7 @@ def describe(m, bundle) -> str:
 @click.option("--stop", multiple=True, callback=_no_empty, help="Stop string (repeatable).")
 @click.option("--no-speculation", is_flag=True, help="Plain decoding with the target only.")
 @click.option("--stream", is_flag=True, help="Print text as it is generated.")
-@click.option("--provider", type=click.Choice(["cpu", "cuda", "rtx", "trt"]), default=None,
+@click.option("--provider", type=click.Choice(DEVICES), default=None,
               help="Where to run (default: the device the bundle was exported for).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: text, token_ids, stats.")
 def generate(bundle, prompt, prompt_file, max_new_tokens, k, temperature, top_k, top_p, seed, stop,
@@ -340,16 +346,24 @@ def _ints(text: str) -> tuple[int, ...]:
               help="JSON lines with a 'prompt' field, or text files (one prompt each). Repeatable.")
 @click.option("--max-new-tokens", type=TOKENS, default=128, show_default=True)
 @click.option("--k", "k_list", default="2,4,6", show_default=True, help="Comma-separated draft lengths.")
-@click.option("--temperature", type=FiniteFloat(min=0), default=0.0, show_default=True)
+@click.option("--temperature", type=FiniteFloat(min=0), default=0.0, show_default=True,
+              help="0 = greedy (outputs compared with plain decoding); > 0 samples, in every configuration.")
+@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="With --temperature: 0 = off.")
+@click.option("--top-p", type=FiniteFloat(min=0, max=1, min_open=True), default=1.0, show_default=True,
+              help="With --temperature: 1 = off.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="With --temperature: the sampling seed.")
 @click.option("--baselines", default="plain,spec", show_default=True,
-              help="Comma-separated: plain, spec, ort-genai, ort-genai-plain, hf, hf-plain.")
+              help="Comma-separated: plain, spec, ort-genai, ort-genai-plain, hf, hf-plain. A peer that does not "
+                   "apply to the bundle is skipped with a line saying why.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), callback=_output_file,
               help="Write the report as JSON here.")
 @click.option("--plot", "plot_out", type=click.Path(path_type=Path), callback=_output_file,
               help="Write PNG plots here.")
-@click.option("--provider", type=click.Choice(["cpu", "cuda", "rtx", "trt"]), default=None,
+@click.option("--provider", type=click.Choice(DEVICES), default=None,
               help="Where to run (default: the device the bundle was exported for).")
-def bench(bundle, prompt_files, max_new_tokens, k_list, temperature, baselines, json_out, plot_out, provider):
+def bench(bundle, prompt_files, max_new_tokens, k_list, temperature, top_k, top_p, seed, baselines, json_out,
+          plot_out, provider):
     """Side-by-side tokens/s, latency, alpha, tau and c on your prompts; peers on the same graphs.
 
     \b
@@ -359,26 +373,28 @@ def bench(bundle, prompt_files, max_new_tokens, k_list, temperature, baselines, 
     """
     from rich.progress import Progress
 
+    from ..runtime import GenerationConfig
+    from ..runtime.errors import InvalidArgument
     from . import bench as b
 
     prompts = b.load_prompts(list(prompt_files))
     names = tuple(x.strip() for x in baselines.split(",") if x.strip())
-    unknown = set(names) - {"plain", "spec", "ort-genai", "ort-genai-plain", "hf", "hf-plain"}
+    unknown = set(names) - set(b.BASELINES)
     if unknown or not names:
-        from ..runtime.errors import InvalidArgument
-
         raise InvalidArgument(f"--baselines: unknown baseline(s) {', '.join(sorted(unknown)) or '(none given)'}; "
-                              f"choose from plain, spec, ort-genai, ort-genai-plain, hf, hf-plain")
+                              f"choose from {', '.join(b.BASELINES)}")
+    sampling = GenerationConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     with Progress(transient=True) as bar:
         task = bar.add_task("benchmarking", total=None)
-        report = b.run_bench(bundle, prompts, max_new_tokens, _ints(k_list), temperature, names, provider=provider,
+        report = b.run_bench(bundle, prompts, max_new_tokens, _ints(k_list), names, sampling, provider,
+                             say=lambda line: bar.console.print(line, style="yellow", markup=False),
                              progress=lambda name, i: bar.update(task, description=f"prompt {i + 1}/{len(prompts)}: {name}"))
     click.echo(b.table(report))
     if json_out:
         Path(json_out).write_text(json.dumps(report, indent=1))
     if plot_out:
         b.plot(report, Path(plot_out))
-    b.check_identical(report)
+    b.check_exactness(report)
 
 
 @main.command()
@@ -389,26 +405,32 @@ def bench(bundle, prompt_files, max_new_tokens, k_list, temperature, baselines, 
               help="Other bundles (same target, other drafts or draft precisions) to compare. Repeatable.")
 @click.option("--max-new-tokens", type=TOKENS, default=128, show_default=True)
 def tune(bundle, prompt_files, drafts, max_new_tokens):
-    """Measure alpha and c on your prompts, pick k (and the draft), write the choice into the manifest.
+    """Measure alpha and c on your prompts, pick k (and the draft), write the choice into the winning bundle.
 
     \b
     Example:
       spec-export tune ./bundle --prompts traffic.jsonl --drafts ./bundle-int8-draft
     """
     from . import bench as b
+    from . import tune as t
 
-    out = b.tune(bundle, b.load_prompts(list(prompt_files)), max_new_tokens, tuple(drafts))
+    out = t.tune(bundle, b.load_prompts(list(prompt_files)), max_new_tokens, tuple(drafts))
     for e in out["evaluated"]:
         pred = " ".join(f"k{k}:{v:.2f}x" for k, v in e["predicted"].items())
         meas = " ".join(f"k{k}:{v:.2f}x" for k, v in e["measured"].items())
         click.echo(f"{e['bundle']}: alpha {e['alpha']:.2f}, c {e['c']:.3f}\n  predicted {pred}\n  measured  {meas}")
     ch = out["choice"]
-    if ch["speculative"]:
-        click.secho(f"choice: {ch['draft_bundle']} with k={ch['k']} ({ch['expected_speedup']:.2f}x over plain); "
-                    f"written to {bundle}/manifest.json as the default", fg="green")
-    else:
+    where = Path(ch["written_to"])
+    if not ch["speculative"]:
         click.secho("speculation does not pay here: " + "; ".join(out["reasons"]) +
-                    f". Plain decoding is now {bundle}'s default.", fg="yellow")
+                    f". Plain decoding is now {where}'s default.", fg="yellow")
+    elif where == Path(bundle):
+        click.secho(f"choice: k={ch['k']} ({ch['expected_speedup']:.2f}x over plain); written to "
+                    f"{where / 'manifest.json'} as the default", fg="green")
+    else:
+        click.secho(f"choice: the draft of {where} with k={ch['k']} ({ch['expected_speedup']:.2f}x over plain); "
+                    f"written to {where / 'manifest.json'} as its default. Use {where} instead of {bundle} "
+                    f"({bundle} is unchanged).", fg="green")
 
 
 @main.command()
@@ -417,22 +439,32 @@ def tune(bundle, prompt_files, drafts, max_new_tokens):
 @click.option("--budget-tpot-ms", type=POSITIVE, help="Fail if time per output token exceeds this.")
 @click.option("--min-speedup", type=POSITIVE, help="Fail if speculative/plain tokens/s is below this.")
 @click.option("--max-new-tokens", type=TOKENS, default=32, show_default=True)
-@click.option("--provider", type=click.Choice(["cpu", "cuda", "rtx", "trt"]), default=None,
+@click.option("--provider", type=click.Choice(DEVICES), default=None,
               help="Where to run (default: the device the bundle was exported for).")
-def smoke(bundle, budget_ttft_ms, budget_tpot_ms, min_speedup, max_new_tokens, provider):
+@click.option("--junit", "junit_out", type=click.Path(path_type=Path),
+              help="Write JUnit XML here: one test case per budget (a budget not given is a skipped case).")
+@click.option("--json", "json_out", type=click.Path(path_type=Path),
+              help="Write the measurements and verdicts as JSON here.")
+def smoke(bundle, budget_ttft_ms, budget_tpot_ms, min_speedup, max_new_tokens, provider, junit_out, json_out):
     """Short deterministic latency check for device CI (RTX, Jetson): exit 1 when a budget is missed.
 
     \b
     Example (a Jetson CI job):
-      spec-export smoke ./bundle --budget-ttft-ms 150 --budget-tpot-ms 40 --min-speedup 1.5
+      spec-export smoke ./bundle --budget-ttft-ms 150 --budget-tpot-ms 40 --min-speedup 1.5 \\
+          --junit smoke.xml --json smoke.json
     """
-    from . import bench as b
+    from . import smoke as s
 
-    got, failures = b.smoke(bundle, budget_ttft_ms, budget_tpot_ms, min_speedup, max_new_tokens, provider)
+    result = s.smoke(bundle, s.Budgets(budget_ttft_ms, budget_tpot_ms, min_speedup), max_new_tokens, provider)
+    got = result["measurements"]
     click.echo(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in got.items()))
-    for f in failures:
+    if junit_out:
+        Path(junit_out).write_text(s.to_junit(result))
+    if json_out:
+        Path(json_out).write_text(s.to_json(result))
+    for f in s.failures(result):
         click.secho(f"FAIL: {f}", fg="red", err=True)
-    sys.exit(1 if failures else 0)
+    sys.exit(0 if result["passed"] else 1)
 
 
 @main.command()

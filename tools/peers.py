@@ -22,7 +22,6 @@ from pathlib import Path
 class PeerRun:
     token_ids: list[int]          # generated tokens only (no prompt), stopping at EOS (excluded) or max_new_tokens
     ttft_ms: float                # request start to the first generated token
-    decode_ms: float              # first token to last
     token_ms: list[float] = field(default_factory=list)  # gaps between consecutive tokens as observed (n - 1)
     drafted: int | None = None    # from the peer's own speculative counters, where it has them
     accepted: int | None = None
@@ -41,9 +40,8 @@ class _Clock:
     def run(self, token_ids: list[int], **counters) -> PeerRun:
         s = self.stamps[:len(token_ids)]
         if not s:
-            return PeerRun([], 0.0, 0.0, [], **counters)
-        return PeerRun(token_ids, 1e3 * (s[0] - self.t0), 1e3 * (s[-1] - s[0]),
-                       [1e3 * (b - a) for a, b in zip(s, s[1:])], **counters)
+            return PeerRun([], 0.0, [], **counters)
+        return PeerRun(token_ids, 1e3 * (s[0] - self.t0), [1e3 * (b - a) for a, b in zip(s, s[1:])], **counters)
 
 
 def _until_eos(ids: list[int], eos: set[int]) -> list[int]:
