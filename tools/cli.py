@@ -335,8 +335,8 @@ def _ints(text: str) -> tuple[int, ...]:
         ks = tuple(int(x) for x in text.split(","))
     except ValueError as e:
         raise InvalidArgument(f"--k takes a comma-separated list of integers like 2,4,6, got {text!r}") from e
-    if not all(1 <= k <= 32 for k in ks):
-        raise InvalidArgument(f"--k: every k must be between 1 and 32, got {text!r}")
+    if not all(1 <= k <= MAX_K for k in ks):
+        raise InvalidArgument(f"--k: every k must be between 1 and {MAX_K}, got {text!r}")
     return ks
 
 
@@ -501,9 +501,9 @@ def demo(workdir, max_new_tokens, k):
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="0: any free port.")
 @click.option("--api-key", envvar="SPECEDGE_API_KEY", default=None,
               help="Require `Authorization: Bearer KEY` on every request (env SPECEDGE_API_KEY).")
-@click.option("--provider", type=click.Choice(["cpu", "cuda", "rtx", "trt"]), default=None,
+@click.option("--provider", type=click.Choice(DEVICES), default=None,
               help="Where to run (default: the device the bundle was exported for).")
-@click.option("--k", type=click.IntRange(1, 32), default=None, help="Draft tokens per round (default: the bundle's).")
+@click.option("--k", type=K, default=None, help="Draft tokens per round (default: the bundle's).")
 @click.option("--no-speculation", is_flag=True, help="Plain decoding with the target only.")
 @click.option("--threads", type=click.IntRange(0, 1024), default=0, show_default=True,
               help="onnxruntime threads for the target (0: its default, one per core).")
