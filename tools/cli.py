@@ -431,6 +431,8 @@ def tune(bundle, prompt_files, drafts, max_new_tokens):
         click.secho(f"choice: the draft of {where} with k={ch['k']} ({ch['expected_speedup']:.2f}x over plain); "
                     f"written to {where / 'manifest.json'} as its default. Use {where} instead of {bundle} "
                     f"({bundle} is unchanged).", fg="green")
+    if out["distill_hint"]:
+        click.secho(f"hint: {out['distill_hint']}", fg="yellow")
 
 
 @main.command()

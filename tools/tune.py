@@ -11,6 +11,7 @@ import dataclasses
 import os
 from pathlib import Path
 
+from ..export.distill import advice, bundle_card
 from ..runtime.manifest import MANIFEST, load_manifest
 from .bench import run_bench, tau
 
@@ -23,6 +24,9 @@ def tune(bundle: Path, prompts: list[str], max_new_tokens: int = 128, candidates
     evaluated = [measure(b, prompts, max_new_tokens, k_range, progress) for b in (bundle, *candidates)]
     out = choose(Path(bundle), evaluated)
     write_choice(out["choice"])
+    best = next(e for e in evaluated if e["bundle"] == out["choice"]["draft_bundle"])
+    hint = advice(best["alpha"], best["c"], t=best["t"], card=bundle_card(Path(best["bundle"])))
+    out["distill_hint"] = hint.reason if hint.distill else None
     return out
 
 
@@ -38,7 +42,8 @@ def measure(bundle: Path, prompts: list[str], max_new_tokens: int, k_range: rang
     second = run_bench(bundle, prompts, max_new_tokens, ks=tuple(sorted(top)), progress=progress)
     measured = {r["k"]: r["speedup_vs_plain"] for r in second["results"] if r["name"].startswith("spec-")}
     best_k = max(measured, key=measured.get)
-    return {"bundle": str(bundle), "alpha": alpha, "c": first["c"], "predicted": predicted, "measured": measured,
+    return {"bundle": str(bundle), "alpha": alpha, "c": first["c"], "t": tn, "predicted": predicted,
+            "measured": measured,
             "best_k": best_k, "best_speedup": measured[best_k],
             "plain_tokens_per_s": next(r["tokens_per_s"] for r in second["results"] if r["name"] == "plain"),
             "mean_new_tokens": second["results"][0]["new_tokens"] / len(prompts)}
