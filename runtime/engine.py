@@ -269,8 +269,10 @@ class Generator:
     def _round(self, k: int) -> list[int]:
         e, c, s = self.engine, self.config, self.stats
         t0 = time.perf_counter()
-        # 1. draft k tokens (and the draft distribution p they came from, when sampling)
-        draft, p = self.drafter.propose(self.tokens, k)                            # (k,), (k, V) | None
+        # 1. draft up to k tokens (and the draft distribution p they came from, when sampling); a drafter may
+        #    propose fewer (prompt lookup stops where its match ends), and none makes this round a plain step
+        draft, p = self.drafter.propose(self.tokens, k)                            # (m,), (m, V) | None
+        k = len(draft)
         t1 = time.perf_counter()
         # 2. verify all k in ONE target pass over [last token] + draft, and
         # 3. accept: the longest prefix matching the target's argmax (computed in the graph: k+1 ids come back, not
@@ -289,7 +291,10 @@ class Generator:
         s.target_ms += 1e3 * (t2 - t1)
         s.rounds, s.drafted, s.accepted = s.rounds + 1, s.drafted + k, s.accepted + n
         s.tested += n + (n < k)
-        s.accept_hist[n] += 1
+        if k:
+            s.accept_hist[n] += 1
+        else:  # nothing proposed: the verify pass was a plain step
+            s.rounds_plain += 1
         if n < k:
             s.reject_round_pos[n] += 1
             s.reject_token_pos.append(len(self.response) + n)
