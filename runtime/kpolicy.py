@@ -1,0 +1,134 @@
+"""Adaptive k: pick each round the number of draft tokens that maximises expected tokens per unit of time.
+
+With a_i the probability that draft position i is accepted given that positions 1..i-1 were, a round that drafts k
+tokens commits E(k) = 1 + sum_{i=1..k} prod_{j<=i} a_j tokens (the accepted run plus the target's own token) and
+costs t(k+1)/t(1) + k*c target steps (one verify pass over k+1 tokens, k draft steps at c target steps each). k = 0
+is a plain step (E = 1, cost 1), so a drafter that stops paying stops drafting; it is probed again every
+`probe_every` rounds so that it can start paying again.
+
+Pure Python, deterministic: the same observations give the same choices.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import InvalidArgument
+
+
+@dataclass
+class _Acceptance:
+    """Decayed Beta-style counts of acceptance per draft position (index 0 = position 1)."""
+    hits: list[float]
+    trials: list[float]
+
+
+@dataclass
+class KPolicy:
+    """Running estimates for one request (or one engine: they carry over if the caller keeps the object).
+
+    k_max: the largest k considered. decay: weight of the past per observed round of a drafter (0.9 forgets in
+    about 10 rounds). prior_alpha / prior_weight: what a position is assumed to accept before it has data, pulled
+    towards the drafter's overall rate once there is some. verify_slope: t(n)/t(1) = 1 + slope*(n-1) until two
+    verify widths have been timed. draft_cost: c per drafter until its draft steps have been timed (lookup: 0).
+    """
+    k_max: int
+    decay: float = 0.9
+    probe_every: int = 16
+    probe_k: int = 2
+    prior_alpha: float = 0.6
+    prior_weight: float = 2.0
+    verify_slope: float = 0.05
+    draft_cost: dict[str, float] = field(default_factory=lambda: {"model": 0.05, "lookup": 0.0})
+    time_decay: float = 0.8            # weight of the past in the running mean of each timing
+    _acc: dict[str, _Acceptance] = field(default_factory=dict, init=False, repr=False)
+    _verify_s: dict[int, float] = field(default_factory=dict, init=False, repr=False)   # width n -> seconds
+    _step_s: dict[str, float] = field(default_factory=dict, init=False, repr=False)     # drafter -> s per draft
+    _idle: dict[str, int] = field(default_factory=dict, init=False, repr=False)         # rounds since drafting
+
+    def __post_init__(self):
+        if self.k_max < 0 or not 0 < self.decay <= 1 or self.probe_every < 1:
+            raise InvalidArgument(f"KPolicy needs k_max >= 0, 0 < decay <= 1, probe_every >= 1; got "
+                                  f"k_max={self.k_max}, decay={self.decay}, probe_every={self.probe_every}")
+
+    # -- what the loop calls -----------------------------------------------------------------------------------
+    def choose(self, drafter: str, limit: int) -> int:
+        """The k in 0..min(limit, k_max) with the most expected tokens per unit time; a probe when 0 has won for
+        `probe_every` rounds in a row."""
+        top = max(0, min(limit, self.k_max))
+        k = max(range(top + 1), key=lambda k: (self.rate(drafter, k), -k))   # ties: the smaller k
+        if k == 0 and top > 0:
+            idle = self._idle.get(drafter, 0) + 1
+            self._idle[drafter] = idle
+            if idle >= self.probe_every:
+                self._idle[drafter] = 0
+                return min(self.probe_k, top)
+        return k
+
+    def observe(self, drafter: str, k: int, n_accepted: int, draft_s: float, verify_s: float) -> None:
+        """One round: k tokens drafted (0 for a plain step), n_accepted of them kept, the seconds spent drafting
+        and verifying (verify_s covers a pass over k + 1 tokens)."""
+        assert 0 <= n_accepted <= k, (n_accepted, k)
+        self._verify_s[k + 1] = self._mean(self._verify_s.get(k + 1), verify_s)
+        if k == 0:
+            return
+        self._idle[drafter] = 0
+        self._step_s[drafter] = self._mean(self._step_s.get(drafter), draft_s / k)
+        a = self._acc.setdefault(drafter, _Acceptance([], []))
+        grow = max(0, k - len(a.hits))
+        a.hits += [0.0] * grow
+        a.trials += [0.0] * grow
+        for i in range(len(a.hits)):
+            a.hits[i] *= self.decay
+            a.trials[i] *= self.decay
+        # positions 1..n were accepted, position n+1 was tested and rejected, the rest were never tested
+        for i in range(min(n_accepted + 1, k)):
+            a.trials[i] += 1
+            a.hits[i] += i < n_accepted
+
+    # -- the model -----------------------------------------------------------------------------------------------
+    def acceptance(self, drafter: str, k: int) -> list[float]:
+        """a_1..a_k: per position, the decayed hit rate shrunk towards the drafter's overall rate."""
+        a = self._acc.get(drafter)
+        if a is None:
+            return [self.prior_alpha] * k
+        overall = (sum(a.hits) + self.prior_weight * self.prior_alpha) / (sum(a.trials) + self.prior_weight)
+        w = self.prior_weight
+        return [(a.hits[i] + w * overall) / (a.trials[i] + w) if i < len(a.hits) else overall for i in range(k)]
+
+    def expected_tokens(self, drafter: str, k: int) -> float:
+        run, total = 1.0, 1.0
+        for a in self.acceptance(drafter, k):
+            run *= a
+            total += run
+        return total
+
+    def verify_cost(self, n: int) -> float:
+        """t(n)/t(1): from the timed widths (a plain step is width 1), the prior slope until there are any."""
+        return self._t(n) / self._t(1) if self._verify_s else 1.0 + self.verify_slope * (n - 1)
+
+    def draft_step_cost(self, drafter: str) -> float:
+        """c: one draft step in target steps (one target step = a verify pass over one token)."""
+        if drafter in self._step_s and self._verify_s:
+            return self._step_s[drafter] / self._t(1)
+        return self.draft_cost.get(drafter, 0.05)
+
+    def _t(self, n: int) -> float:
+        """Seconds for a verify pass over n tokens: measured; else a least-squares line through the timed widths;
+        else the one timed width scaled by the prior slope."""
+        t = self._verify_s
+        if n in t:
+            return t[n]
+        widths = sorted(t)
+        if len(widths) == 1:
+            w = widths[0]
+            return t[w] * (1 + self.verify_slope * (n - 1)) / (1 + self.verify_slope * (w - 1))
+        mn, mt = sum(widths) / len(widths), sum(t.values()) / len(widths)
+        slope = sum((w - mn) * (t[w] - mt) for w in widths) / sum((w - mn) ** 2 for w in widths)
+        return max(mt + slope * (n - mn), 1e-9)
+
+    def rate(self, drafter: str, k: int) -> float:
+        """Expected tokens per target-step time when drafting k."""
+        return self.expected_tokens(drafter, k) / (self.verify_cost(k + 1) + k * self.draft_step_cost(drafter))
+
+    def _mean(self, old: float | None, new: float) -> float:
+        return new if old is None else self.time_decay * old + (1 - self.time_decay) * new
