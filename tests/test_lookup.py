@@ -227,3 +227,17 @@ def test_sampling_follows_target_distribution(llama, make):
     observed = np.array([seqs.count(s) for s in support], float)
     expected = np.array(list(support.values())) * n
     assert chisquare(observed, expected).pvalue > 1e-3, (observed, expected)
+
+
+def test_transformers_prompt_lookup_peer_matches_plain_decoding(llama, checkpoints):
+    from specedge.tools.peers import HFPromptLookup
+
+    peer = HFPromptLookup(checkpoints("llama")[0], k=4, eos_token_ids=sorted(llama.eos))
+    try:
+        for prompt in (PROMPTS[1], REPETITIVE):
+            ids = llama.encode(prompt)
+            run = peer.generate(ids, 24)
+            assert run.token_ids == llama.generate(ids, max_new_tokens=24, speculative=False).token_ids
+            assert len(run.token_ms) == len(run.token_ids) - 1
+    finally:
+        peer.close()
