@@ -10,7 +10,9 @@ Pure Python, deterministic: the same observations give the same choices.
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
+from statistics import median
 
 from .errors import InvalidArgument
 
@@ -28,8 +30,8 @@ class KPolicy:
 
     k_max: the largest k considered. decay: weight of the past per observed round of a drafter (0.9 forgets in
     about 10 rounds). prior_alpha / prior_weight: what a position is assumed to accept before it has data, pulled
-    towards the drafter's overall rate once there is some. verify_slope: t(n)/t(1) = 1 + slope*(n-1) until two
-    verify widths have been timed. draft_cost: c per drafter until its draft steps have been timed (lookup: 0).
+    towards the drafter's overall rate once there is some. verify_slope: t(n)/t(1) = 1 + slope*(n-1) until verify
+    passes have been timed (with one width timed, it extrapolates from that one; with two, a line through them). draft_cost: c per drafter until its draft steps have been timed (lookup: 0).
     """
     k_max: int
     decay: float = 0.9
@@ -39,11 +41,13 @@ class KPolicy:
     prior_weight: float = 2.0
     verify_slope: float = 0.05
     draft_cost: dict[str, float] = field(default_factory=lambda: {"model": 0.05, "lookup": 0.0})
-    time_decay: float = 0.8            # weight of the past in the running mean of each timing
+    timing_window: int = 16            # timings kept per verify width and per drafter; their median is the estimate
     _acc: dict[str, _Acceptance] = field(default_factory=dict, init=False, repr=False)
-    _verify_s: dict[int, float] = field(default_factory=dict, init=False, repr=False)   # width n -> seconds
-    _step_s: dict[str, float] = field(default_factory=dict, init=False, repr=False)     # drafter -> s per draft
+    _verify_s: dict[int, deque] = field(default_factory=dict, init=False, repr=False)   # width n -> seconds
+    _step_s: dict[str, deque] = field(default_factory=dict, init=False, repr=False)     # drafter -> s per draft
     _idle: dict[str, int] = field(default_factory=dict, init=False, repr=False)         # rounds since drafting
+    _medians: dict[int, float] | None = field(default=None, init=False, repr=False)     # of _verify_s, cached
+    _line: tuple[float, float, float] | None = field(default=None, init=False, repr=False)  # fit through them
 
     def __post_init__(self):
         if self.k_max < 0 or not 0 < self.decay <= 1 or self.probe_every < 1:
@@ -55,7 +59,8 @@ class KPolicy:
         """The k in 0..min(limit, k_max) with the most expected tokens per unit time; a probe when 0 has won for
         `probe_every` rounds in a row."""
         top = max(0, min(limit, self.k_max))
-        k = max(range(top + 1), key=lambda k: (self.rate(drafter, k), -k))   # ties: the smaller k
+        rates = self.rates(drafter, top)
+        k = rates.index(max(rates))   # ties: the smaller k
         if k == 0 and top > 0:
             idle = self._idle.get(drafter, 0) + 1
             self._idle[drafter] = idle
@@ -68,11 +73,12 @@ class KPolicy:
         """One round: k tokens drafted (0 for a plain step), n_accepted of them kept, the seconds spent drafting
         and verifying (verify_s covers a pass over k + 1 tokens)."""
         assert 0 <= n_accepted <= k, (n_accepted, k)
-        self._verify_s[k + 1] = self._mean(self._verify_s.get(k + 1), verify_s)
+        self._record(self._verify_s, k + 1, verify_s)
+        self._medians = self._line = None
         if k == 0:
             return
         self._idle[drafter] = 0
-        self._step_s[drafter] = self._mean(self._step_s.get(drafter), draft_s / k)
+        self._record(self._step_s, drafter, draft_s / k)
         a = self._acc.setdefault(drafter, _Acceptance([], []))
         grow = max(0, k - len(a.hits))
         a.hits += [0.0] * grow
@@ -109,26 +115,38 @@ class KPolicy:
     def draft_step_cost(self, drafter: str) -> float:
         """c: one draft step in target steps (one target step = a verify pass over one token)."""
         if drafter in self._step_s and self._verify_s:
-            return self._step_s[drafter] / self._t(1)
+            return median(self._step_s[drafter]) / self._t(1)
         return self.draft_cost.get(drafter, 0.05)
 
     def _t(self, n: int) -> float:
         """Seconds for a verify pass over n tokens: measured; else a least-squares line through the timed widths;
         else the one timed width scaled by the prior slope."""
-        t = self._verify_s
+        if self._medians is None:
+            self._medians = {w: median(v) for w, v in self._verify_s.items()}
+        t = self._medians
         if n in t:
             return t[n]
-        widths = sorted(t)
-        if len(widths) == 1:
-            w = widths[0]
-            return t[w] * (1 + self.verify_slope * (n - 1)) / (1 + self.verify_slope * (w - 1))
-        mn, mt = sum(widths) / len(widths), sum(t.values()) / len(widths)
-        slope = sum((w - mn) * (t[w] - mt) for w in widths) / sum((w - mn) ** 2 for w in widths)
+        if len(t) == 1:
+            (w, tw), = t.items()
+            return tw * (1 + self.verify_slope * (n - 1)) / (1 + self.verify_slope * (w - 1))
+        if self._line is None:
+            mn, mt = sum(t) / len(t), sum(t.values()) / len(t)
+            slope = sum((w - mn) * (tw - mt) for w, tw in t.items()) / sum((w - mn) ** 2 for w in t)
+            self._line = mn, mt, slope
+        mn, mt, slope = self._line
         return max(mt + slope * (n - mn), 1e-9)
 
-    def rate(self, drafter: str, k: int) -> float:
-        """Expected tokens per target-step time when drafting k."""
-        return self.expected_tokens(drafter, k) / (self.verify_cost(k + 1) + k * self.draft_step_cost(drafter))
+    def rates(self, drafter: str, top: int) -> list[float]:
+        """Expected tokens per target-step time when drafting k, for k = 0..top: E(k) / (t(k+1)/t(1) + k*c)."""
+        c, t1 = self.draft_step_cost(drafter), self._t(1) if self._verify_s else 1.0
+        out, run, e = [], 1.0, 1.0
+        for k, a in enumerate([1.0] + self.acceptance(drafter, top)):
+            run *= a
+            e += run if k else 0.0
+            t = self._t(k + 1) / t1 if self._verify_s else 1.0 + self.verify_slope * k
+            out.append(e / (t + k * c))
+        return out
 
-    def _mean(self, old: float | None, new: float) -> float:
-        return new if old is None else self.time_decay * old + (1 - self.time_decay) * new
+    def _record(self, timings: dict, key, seconds: float) -> None:
+        # a median of the last few: one round preempted by another process must not move the estimate
+        timings.setdefault(key, deque(maxlen=self.timing_window)).append(seconds)

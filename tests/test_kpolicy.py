@@ -85,6 +85,15 @@ def test_never_exceeds_the_limit_or_k_max(k_max, rounds, limit):
         assert 0 <= p.choose("model", limit) <= max(0, min(limit, k_max))
 
 
+def test_a_preempted_round_does_not_move_the_choice():
+    p = KPolicy(k_max=8)
+    pattern = lambda r, i: (r * 7 + i * 3) % 5 < 3  # noqa: E731
+    run(p, "model", pattern, 100, c=0.05)
+    k = p.choose("model", 8)
+    p.observe("model", k, 1, draft_s=k * 0.05 * T1, verify_s=50 * verify_s(k))   # another process ran meanwhile
+    assert p.choose("model", 8) == k
+
+
 def test_same_observations_same_choices():
     a, b = KPolicy(k_max=8), KPolicy(k_max=8)
     pattern = lambda r, i: (r * 7 + i * 3) % 5 < 3  # noqa: E731
