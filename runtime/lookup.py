@@ -15,7 +15,8 @@ from .errors import InvalidArgument
 
 class LookupDrafter:
     """Proposes the continuation of the most recent earlier occurrence of the longest matching suffix of `tokens`
-    (n = max_ngram ... min_ngram tokens). It may propose fewer than k tokens, or none when nothing matches.
+    (n = max_ngram ... min_ngram tokens): k tokens, none when nothing matches, and fewer than k when the copy
+    reaches the end of `tokens` and `repeat` is off.
 
     The index maps each n-gram to the end of its most recent occurrence and is updated with the new tokens only,
     so a round costs O(new tokens x max_ngram) however long the context. Drafts are deterministic: greedy callers

@@ -112,6 +112,16 @@ def test_proposals_are_one_hot_when_sampling_and_may_be_short():
         LookupDrafter(10, max_ngram=2, min_ngram=3)
 
 
+def test_hybrid_without_a_draft_model_is_lookup():
+    """A bundle exported with the target alone still speculates, by lookup (any match length leads)."""
+    tokens = [1, 2, 3, 4, 1, 2, 9, 9, 4]
+    h, d = HybridDrafter(LookupDrafter(10, 0.7), None), LookupDrafter(10, 0.7)
+    for n in range(1, len(tokens) + 1):
+        (a, p), (b, q) = h.propose(tokens[:n], 3), d.propose(tokens[:n], 3)
+        assert a.tolist() == b.tolist() and np.array_equal(p, q) and h.source(tokens[:n]) == "lookup"
+        h.accepted(0)
+
+
 # -- one-hot p: accept with q(x), resample from q without x -------------------------------------------------------
 @settings(max_examples=200, deadline=None)
 @given(st.integers(2, 6).flatmap(lambda v: st.tuples(probs(v), st.integers(0, v - 1))))
