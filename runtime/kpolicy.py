@@ -28,13 +28,13 @@ class _Acceptance:
 class KPolicy:
     """Running estimates for one request (or one engine: they carry over if the caller keeps the object).
 
-    k_max: the largest k considered. decay: weight of the past per observed round of a drafter (0.9 forgets in
-    about 10 rounds). prior_alpha / prior_weight: what a position is assumed to accept before it has data, pulled
+    k_max: the largest k considered. decay: weight of the past per observed round of a drafter (0.95 forgets in
+    about 20 rounds). prior_alpha / prior_weight: what a position is assumed to accept before it has data, pulled
     towards the drafter's overall rate once there is some. verify_slope: t(n)/t(1) = 1 + slope*(n-1) until verify
-    passes have been timed (with one width timed, it extrapolates from that one; with two, a line through them). draft_cost: c per drafter until its draft steps have been timed (lookup: 0).
+    passes have been timed (with one width timed, it extrapolates from that one; with more, a line through them). draft_cost: c per drafter until its draft steps have been timed (lookup: 0).
     """
     k_max: int
-    decay: float = 0.9
+    decay: float = 0.95
     probe_every: int = 16
     probe_k: int = 2
     prior_alpha: float = 0.6
@@ -46,8 +46,7 @@ class KPolicy:
     _verify_s: dict[int, deque] = field(default_factory=dict, init=False, repr=False)   # width n -> seconds
     _step_s: dict[str, deque] = field(default_factory=dict, init=False, repr=False)     # drafter -> s per draft
     _idle: dict[str, int] = field(default_factory=dict, init=False, repr=False)         # rounds since drafting
-    _medians: dict[int, float] | None = field(default=None, init=False, repr=False)     # of _verify_s, cached
-    _line: tuple[float, float, float] | None = field(default=None, init=False, repr=False)  # fit through them
+    _line: tuple[float, float, float] | None = field(default=None, init=False, repr=False)  # fit of _verify_s
 
     def __post_init__(self):
         if self.k_max < 0 or not 0 < self.decay <= 1 or self.probe_every < 1:
@@ -74,7 +73,7 @@ class KPolicy:
         and verifying (verify_s covers a pass over k + 1 tokens)."""
         assert 0 <= n_accepted <= k, (n_accepted, k)
         self._record(self._verify_s, k + 1, verify_s)
-        self._medians = self._line = None
+        self._line = None
         if k == 0:
             return
         self._idle[drafter] = 0
@@ -119,22 +118,26 @@ class KPolicy:
         return self.draft_cost.get(drafter, 0.05)
 
     def _t(self, n: int) -> float:
-        """Seconds for a verify pass over n tokens: measured; else a least-squares line through the timed widths;
-        else the one timed width scaled by the prior slope."""
-        if self._medians is None:
-            self._medians = {w: median(v) for w, v in self._verify_s.items()}
-        t = self._medians
-        if n in t:
-            return t[n]
+        """Seconds for a verify pass over n tokens: with one width timed, that time scaled by the prior slope; with
+        more, a least-squares line through the median time of each width, weighted by its samples and leaving out
+        widths timed once or twice when others have more (the policy rarely picks some, often k = 0), never
+        decreasing with n."""
+        t = self._verify_s
         if len(t) == 1:
-            (w, tw), = t.items()
-            return tw * (1 + self.verify_slope * (n - 1)) / (1 + self.verify_slope * (w - 1))
+            (w, v), = t.items()
+            return median(v) * (1 + self.verify_slope * (n - 1)) / (1 + self.verify_slope * (w - 1))
         if self._line is None:
-            mn, mt = sum(t) / len(t), sum(t.values()) / len(t)
-            slope = sum((w - mn) * (tw - mt) for w, tw in t.items()) / sum((w - mn) ** 2 for w in t)
-            self._line = mn, mt, slope
-        mn, mt, slope = self._line
-        return max(mt + slope * (n - mn), 1e-9)
+            pts = [(w, median(v), len(v)) for w, v in t.items()]
+            solid = [p for p in pts if p[2] >= 3]   # a median of 1-2 samples is one preempted round away from junk
+            pts = solid if len(solid) >= 2 else pts
+            total = sum(c for _, _, c in pts)
+            mw = sum(w * c for w, _, c in pts) / total
+            mt = sum(y * c for _, y, c in pts) / total
+            var = sum(c * (w - mw) ** 2 for w, _, c in pts)
+            slope = max(0.0, sum(c * (w - mw) * (y - mt) for w, y, c in pts) / var)
+            self._line = mw, mt, slope
+        mw, mt, slope = self._line
+        return max(mt + slope * (n - mw), 1e-9)
 
     def rates(self, drafter: str, top: int) -> list[float]:
         """Expected tokens per target-step time when drafting k, for k = 0..top: E(k) / (t(k+1)/t(1) + k*c)."""
