@@ -43,7 +43,7 @@ class KPolicy:
     draft_cost: dict[str, float] = field(default_factory=lambda: {"model": 0.05, "lookup": 0.0})
     timing_window: int = 16            # timings kept per verify width and per drafter; their median is the estimate
     _acc: dict[str, _Acceptance] = field(default_factory=dict, init=False, repr=False)
-    _verify_s: dict[int, deque] = field(default_factory=dict, init=False, repr=False)   # width n -> seconds
+    _verify_s: deque = field(default_factory=deque, init=False, repr=False)  # (width n, seconds), the latest
     _step_s: dict[str, deque] = field(default_factory=dict, init=False, repr=False)     # drafter -> s per draft
     _idle: dict[str, int] = field(default_factory=dict, init=False, repr=False)         # rounds since drafting
     _line: tuple[float, float, float] | None = field(default=None, init=False, repr=False)  # fit of _verify_s
@@ -72,7 +72,11 @@ class KPolicy:
         """One round: k tokens drafted (0 for a plain step), n_accepted of them kept, the seconds spent drafting
         and verifying (verify_s covers a pass over k + 1 tokens)."""
         assert 0 <= n_accepted <= k, (n_accepted, k)
-        self._record(self._verify_s, k + 1, verify_s)
+        # One window for all widths: a width the policy stopped picking ages out instead of staying frozen at
+        # whatever the machine was doing when it was last timed.
+        self._verify_s.append((k + 1, verify_s))
+        while len(self._verify_s) > 2 * self.timing_window:
+            self._verify_s.popleft()
         self._line = None
         if k == 0:
             return
@@ -122,20 +126,23 @@ class KPolicy:
         more, a least-squares line through the median time of each width, weighted by its samples and leaving out
         widths timed once or twice when others have more (the policy rarely picks some, often k = 0), never
         decreasing with n."""
-        t = self._verify_s
-        if len(t) == 1:
-            (w, v), = t.items()
-            return median(v) * (1 + self.verify_slope * (n - 1)) / (1 + self.verify_slope * (w - 1))
         if self._line is None:
+            t: dict[int, list[float]] = {}
+            for w, sec in self._verify_s:
+                t.setdefault(w, []).append(sec)
             pts = [(w, median(v), len(v)) for w, v in t.items()]
             solid = [p for p in pts if p[2] >= 3]   # a median of 1-2 samples is one preempted round away from junk
             pts = solid if len(solid) >= 2 else pts
-            total = sum(c for _, _, c in pts)
-            mw = sum(w * c for w, _, c in pts) / total
-            mt = sum(y * c for _, y, c in pts) / total
-            var = sum(c * (w - mw) ** 2 for w, _, c in pts)
-            slope = max(0.0, sum(c * (w - mw) * (y - mt) for w, y, c in pts) / var)
-            self._line = mw, mt, slope
+            if len(pts) == 1:   # the line through the one timed width with the prior's relative slope
+                (w, y, _), = pts
+                self._line = w, y, y * self.verify_slope / (1 + self.verify_slope * (w - 1))
+            else:
+                total = sum(c for _, _, c in pts)
+                mw = sum(w * c for w, _, c in pts) / total
+                mt = sum(y * c for _, y, c in pts) / total
+                var = sum(c * (w - mw) ** 2 for w, _, c in pts)
+                slope = max(0.0, sum(c * (w - mw) * (y - mt) for w, y, c in pts) / var)
+                self._line = mw, mt, slope
         mw, mt, slope = self._line
         return max(mt + slope * (n - mw), 1e-9)
 

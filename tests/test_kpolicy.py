@@ -103,6 +103,16 @@ def test_a_rarely_timed_width_does_not_skew_the_cost_curve():
     assert p.verify_cost(5) == pytest.approx(1.2) and p.draft_step_cost("model") == pytest.approx(0.01)
 
 
+def test_timings_of_a_busy_spell_age_out():
+    p = KPolicy(k_max=8)
+    for _ in range(32):
+        p.observe("model", 4, 2, draft_s=4e-4, verify_s=10 * verify_s(4))   # the machine was busy
+    for _ in range(16):
+        p.observe("model", 2, 1, draft_s=2e-4, verify_s=verify_s(2))
+        p.observe("model", 4, 2, draft_s=4e-4, verify_s=verify_s(4))
+    assert p.verify_cost(5) == pytest.approx(1.2)
+
+
 def test_same_observations_same_choices():
     a, b = KPolicy(k_max=8), KPolicy(k_max=8)
     pattern = lambda r, i: (r * 7 + i * 3) % 5 < 3  # noqa: E731
