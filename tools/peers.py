@@ -217,3 +217,66 @@ class HFAssisted:
 
     def close(self) -> None:
         self.model = self.draft = None
+
+
+class HFPromptLookup:
+    """transformers prompt lookup decoding (`prompt_lookup_num_tokens`) on the source target checkpoint (fp32, CPU):
+    up to k tokens copied after an earlier match of the last 1..max_ngram tokens, verified by the target. Its
+    counterpart is specedge's LookupDrafter; transformers takes the *first* (leftmost) match, specedge the most
+    recent one."""
+
+    def __init__(self, target_dir: Path, k: int, threads: int = 0, eos_token_ids: list[int] | None = None,
+                 max_ngram: int = 3):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        if not k or k < 1:
+            raise ValueError("prompt lookup needs k >= 1, the tokens copied per round")
+        if threads:
+            torch.set_num_threads(threads)  # process-wide: torch has no per-model setting
+        self._torch, self.k, self.max_ngram = torch, k, max_ngram
+        self.model = AutoModelForCausalLM.from_pretrained(str(target_dir), dtype=torch.float32).eval()
+        gc = self.model.generation_config
+        eos = eos_token_ids if eos_token_ids is not None else gc.eos_token_id
+        self.eos = list(eos) if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos])
+        self.pad = gc.pad_token_id if gc.pad_token_id is not None else (self.eos[0] if self.eos else 0)
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int | None = None) -> PeerRun:
+        torch = self._torch
+        from transformers.generation.streamers import BaseStreamer
+
+        clock = _Clock()
+        ids: list[int] = []
+
+        class Stamps(BaseStreamer):
+            """put() gets the prompt first, then each round's accepted tokens at once."""
+
+            def __init__(self):
+                self.prompt_seen = False
+
+            def put(self, value):
+                if not self.prompt_seen:
+                    self.prompt_seen = True
+                    return
+                new = value.reshape(-1).tolist()
+                ids.extend(new)
+                clock.tick(len(new))
+
+            def end(self):
+                pass
+
+        sampling = dict(do_sample=True, temperature=temperature, top_k=top_k or None, top_p=top_p) \
+            if temperature > 0 else dict(do_sample=False, temperature=None, top_k=None, top_p=None)
+        if seed is not None:
+            torch.manual_seed(seed)
+        x = torch.tensor([prompt_ids], dtype=torch.long)
+        clock.t0 = time.perf_counter()
+        with torch.inference_mode():
+            self.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, min_new_tokens=0,
+                                eos_token_id=self.eos or None, pad_token_id=self.pad, streamer=Stamps(),
+                                prompt_lookup_num_tokens=self.k, max_matching_ngram_size=self.max_ngram, **sampling)
+        return clock.run(_until_eos(ids, set(self.eos)))
+
+    def close(self) -> None:
+        self.model = None

@@ -1,0 +1,126 @@
+"""The adaptive k policy on synthetic rounds: deterministic acceptance profiles and cost curves, no models."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from specedge.runtime.errors import InvalidArgument
+from specedge.runtime.kpolicy import KPolicy
+
+T1 = 0.010  # seconds per target step
+
+
+def verify_s(k: int, slope: float = 0.05) -> float:
+    return T1 * (1 + slope * k)          # a verify pass over k + 1 tokens
+
+
+def run(policy: KPolicy, drafter: str, accept, rounds: int, c: float, limit: int = 8) -> list[int]:
+    """Drive the policy: accept(i) says whether draft position i (0-based) of a round would be accepted."""
+    ks = []
+    for r in range(rounds):
+        k = policy.choose(drafter, limit)
+        n = 0
+        while n < k and accept(r, n):
+            n += 1
+        policy.observe(drafter, k, n, draft_s=k * c * T1, verify_s=verify_s(k))
+        ks.append(k)
+    return ks
+
+
+def test_never_right_stops_drafting_and_probes_later():
+    p = KPolicy(k_max=8, probe_every=10)
+    ks = run(p, "model", lambda r, i: False, 200, c=0.05)
+    late = ks[50:]
+    assert late.count(0) >= 0.85 * len(late)              # a plain step almost every round
+    assert 0 < sum(k > 0 for k in late) <= len(late) // 10 + 1   # and a probe every probe_every rounds
+    assert all(k <= p.probe_k for k in late)
+
+
+def test_always_right_with_cheap_drafts_drafts_long():
+    p = KPolicy(k_max=16)
+    ks = run(p, "lookup", lambda r, i: True, 60, c=0.0, limit=16)
+    assert ks[-1] == 16 and p.acceptance("lookup", 4)[0] > 0.95
+
+
+def test_expensive_drafts_draft_less_than_free_ones():
+    free, costly = KPolicy(k_max=8), KPolicy(k_max=8)
+    rng = np.random.default_rng(0)
+    draws = rng.random((300, 8))
+    run(free, "lookup", lambda r, i: draws[r, i] < 0.7, 300, c=0.0)
+    run(costly, "model", lambda r, i: draws[r, i] < 0.7, 300, c=0.3)
+    assert costly.choose("model", 8) < free.choose("lookup", 8)
+
+
+def test_converges_on_a_synthetic_acceptance_profile():
+    """Acceptance falling with position (0.9, 0.8, 0.7, ...): the estimates approach it and the choice is the k
+    that maximises the true tokens per unit time."""
+    true = [max(0.05, 0.9 - 0.1 * i) for i in range(8)]
+    rng = np.random.default_rng(1)
+    draws = rng.random((3000, 8))
+    p = KPolicy(k_max=8, decay=0.99)
+    ks = run(p, "model", lambda r, i: draws[r, i] < true[i], 3000, c=0.05)
+
+    def true_rate(k):
+        e = 1 + sum(np.prod(true[: i + 1]) for i in range(k))
+        return e / (1 + 0.05 * k + 0.05 * k)
+
+    best = max(range(9), key=true_rate)
+    est = p.acceptance("model", 3)
+    np.testing.assert_allclose(est, true[:3], atol=0.08)
+    assert abs(np.median(ks[-500:]) - best) <= 1
+    assert p.verify_cost(best + 1) == pytest.approx(1 + 0.05 * best, rel=1e-6)
+    assert p.draft_step_cost("model") == pytest.approx(0.05, rel=1e-6)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 12), st.lists(st.tuples(st.integers(0, 12), st.floats(0, 1)), max_size=30),
+       st.integers(-3, 20))
+def test_never_exceeds_the_limit_or_k_max(k_max, rounds, limit):
+    p = KPolicy(k_max=k_max, probe_every=3)
+    for k, frac in rounds:
+        k = min(k, k_max)
+        p.observe("model", k, int(frac * k), draft_s=1e-4 * k, verify_s=verify_s(k))
+        assert 0 <= p.choose("model", limit) <= max(0, min(limit, k_max))
+
+
+def test_a_preempted_round_does_not_move_the_choice():
+    p = KPolicy(k_max=8)
+    pattern = lambda r, i: (r * 7 + i * 3) % 5 < 3  # noqa: E731
+    run(p, "model", pattern, 100, c=0.05)
+    k = p.choose("model", 8)
+    p.observe("model", k, 1, draft_s=k * 0.05 * T1, verify_s=50 * verify_s(k))   # another process ran meanwhile
+    assert p.choose("model", 8) == k
+
+
+def test_a_rarely_timed_width_does_not_skew_the_cost_curve():
+    p = KPolicy(k_max=8)
+    for _ in range(16):
+        p.observe("model", 4, 2, draft_s=4e-4, verify_s=verify_s(4))
+        p.observe("model", 2, 1, draft_s=2e-4, verify_s=verify_s(2))
+    p.observe("model", 0, 0, draft_s=0.0, verify_s=3 * T1)   # the one plain step, slowed by another process
+    assert p.verify_cost(5) == pytest.approx(1.2) and p.draft_step_cost("model") == pytest.approx(0.01)
+
+
+def test_timings_of_a_busy_spell_age_out():
+    p = KPolicy(k_max=8)
+    for _ in range(32):
+        p.observe("model", 4, 2, draft_s=4e-4, verify_s=10 * verify_s(4))   # the machine was busy
+    for _ in range(16):
+        p.observe("model", 2, 1, draft_s=2e-4, verify_s=verify_s(2))
+        p.observe("model", 4, 2, draft_s=4e-4, verify_s=verify_s(4))
+    assert p.verify_cost(5) == pytest.approx(1.2)
+
+
+def test_same_observations_same_choices():
+    a, b = KPolicy(k_max=8), KPolicy(k_max=8)
+    pattern = lambda r, i: (r * 7 + i * 3) % 5 < 3  # noqa: E731
+    assert run(a, "model", pattern, 100, c=0.05) == run(b, "model", pattern, 100, c=0.05)
+
+
+def test_bad_settings():
+    with pytest.raises(InvalidArgument, match="k_max"):
+        KPolicy(k_max=-1)
+    with pytest.raises(InvalidArgument, match="decay"):
+        KPolicy(k_max=4, decay=0.0)
