@@ -156,7 +156,7 @@ def _measure(engine: Engine, ids: list[int], plain, n: int, timing: dict, adapti
     }
     for name, (make, opts) in configs.items():
         if make:
-            engine.make_drafter = make
+            engine.make_drafter = lambda name, c, rng, make=make: make(c, rng)
         try:
             r = engine.generate(ids, max_new_tokens=n, **opts)
         finally:

@@ -8,6 +8,7 @@ from .errors import InvalidArgument
 from .stats import Stats
 
 MAX_K = 32           # draft tokens per round, at most
+DRAFTERS = ("model", "lookup", "hybrid")   # the draft model; prompt lookup; lookup topped up by the model
 FINISH_REASONS = ("length", "eos", "stop", "context_full", "cancelled")   # and "error" on a raised exception
 
 
@@ -21,6 +22,10 @@ class GenerationConfig:
     seed: int | None = None
     stop: tuple[str, ...] = ()        # stop strings, matched on decoded text
     speculative: bool | None = None   # False: plain decoding through the same engine; None: the bundle's default
+    drafter: str | None = None        # one of DRAFTERS; None: the bundle's default (tuned), else model (lookup if
+                                      # the bundle has no draft model)
+    adaptive: bool | None = None      # True: k per round from running estimates (k is then the most a round drafts);
+                                      # None: the bundle's default
 
     def __post_init__(self):
         _int("max_new_tokens", self.max_new_tokens, 1)
@@ -37,8 +42,11 @@ class GenerationConfig:
         object.__setattr__(self, "stop", tuple(self.stop))   # frozen: normalised once, here
         if any(s == "" for s in self.stop):
             raise InvalidArgument("stop strings must not be empty: an empty string would stop before any text")
-        if self.speculative is not None and not isinstance(self.speculative, bool):
-            raise InvalidArgument(f"speculative must be True, False or None, got {self.speculative!r}")
+        for name in ("speculative", "adaptive"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
+                raise InvalidArgument(f"{name} must be True, False or None, got {getattr(self, name)!r}")
+        if self.drafter is not None and self.drafter not in DRAFTERS:
+            raise InvalidArgument(f"drafter must be one of {', '.join(DRAFTERS)}, got {self.drafter!r}")
 
 
 def _int(name: str, v, low: int, high: int | None = None) -> None:

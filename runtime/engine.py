@@ -19,7 +19,9 @@ from .config import MAX_K, GenerationConfig, Result
 from .drafter import Drafter, ModelDrafter
 from .errors import EngineBusy, InvalidArgument
 from .generator import Generator
+from .kpolicy import KPolicy
 from .kv import open_model
+from .lookup import HybridDrafter, LookupDrafter
 from .manifest import load_manifest
 
 
@@ -34,12 +36,17 @@ class Engine:
         self.target = open_model(self.bundle, m.target, provider, threads, cuda_graph)
         # The draft runs on the calling thread alone: it is too small to gain from a pool, and a second session's
         # pool would spin between its runs and steal a core from the target's verify (1.6x slower rounds measured).
-        self.draft = open_model(self.bundle, m.draft, provider, 1, cuda_graph)
+        self.draft = open_model(self.bundle, m.draft, provider, 1, cuda_graph) if m.draft else None
         self.tokenizer = Tokenizer.from_file(str(self.bundle / "tokenizer.json"))
         self.eos = frozenset(m.tokenizer.eos_token_ids)
-        self.max_length = min(m.target.max_length, m.draft.max_length)
+        self.max_length = min(s.max_length for s in (m.target, m.draft) if s)
         self.default_k = int(m.defaults.get("k", 4))
         self.default_speculative = bool(m.defaults.get("speculative", True))  # `tune` may have found it does not pay
+        self.default_drafter = m.defaults.get("drafter", "model" if self.draft else "lookup")
+        self.default_adaptive = bool(m.defaults.get("adaptive", False))
+        # Adaptive k learns acceptance per drafter and the step costs t(n)/t(1), c; generations on an Engine are
+        # serialised, so one policy carries what it learnt from request to request.
+        self.policy = KPolicy(k_max=MAX_K)
         self._lock = threading.Lock()        # held by the live generator
         self._state = threading.RLock()      # guards the two fields below (re-entrant: GC may call _orphaned)
         self._owner: weakref.ref | None = None
@@ -48,11 +55,21 @@ class Engine:
     def forget(self) -> None:
         """Drop the cached prefix (the next request prefills from scratch): for cold-start measurements."""
         for m in (self.target, self.draft):
-            m.reset()
+            if m:
+                m.reset()
 
-    def make_drafter(self, c: GenerationConfig, rng: np.random.Generator) -> Drafter:
-        """The bundle's draft model, sampling with the request's settings (the same processing as the target's)."""
-        return ModelDrafter(self.draft, c.temperature, c.top_k, c.top_p, rng)
+    def make_drafter(self, name: str, c: GenerationConfig, rng: np.random.Generator) -> Drafter:
+        """A drafter by name; the draft model samples with the request's settings (the target's processing)."""
+        if name == "model" and self.draft is None:
+            raise InvalidArgument("this bundle has no draft model (exported with the target only): use drafter "
+                                  "lookup or hybrid, or re-export with --draft")
+        model = ModelDrafter(self.draft, c.temperature, c.top_k, c.top_p, rng) if self.draft else None
+        lookup = LookupDrafter(self.manifest.target.vocab_size, c.temperature)
+        return {"model": model, "lookup": lookup, "hybrid": HybridDrafter(lookup, model)}[name]
+
+    def run_s(self) -> float:
+        """Seconds spent inside onnxruntime so far, both models."""
+        return sum(m.run_s for m in (self.target, self.draft) if m)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text).ids
@@ -73,7 +90,9 @@ class Engine:
         if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool)
                    and 0 <= t < self.manifest.tokenizer.vocab_size for t in ids):
             raise InvalidArgument(f"token ids must be integers in 0..{self.manifest.tokenizer.vocab_size - 1}")
-        g = Generator(self, c, k, self.default_speculative if c.speculative is None else c.speculative)
+        pick = lambda value, default: default if value is None else value  # noqa: E731
+        g = Generator(self, c, k, pick(c.speculative, self.default_speculative), pick(c.drafter, self.default_drafter),
+                      pick(c.adaptive, self.default_adaptive))
         self._acquire(g, timeout)
         g.append_tokens(ids)
         return g

@@ -10,6 +10,7 @@ import numpy as np
 
 from .config import GenerationConfig, Result
 from .errors import InvalidArgument
+from .lookup import HybridDrafter
 from .sampling import distribution, verify_greedy, verify_sampled
 from .stats import Stats
 from .text import TextStream
@@ -25,10 +26,12 @@ class Generator:
     ids (`for t in gen`) or text deltas (`gen.text_deltas()`); a round's tokens are buffered and handed out one at a
     time. `cancel()` may be called from any thread."""
 
-    def __init__(self, engine: Engine, config: GenerationConfig, k: int, speculative: bool):
+    def __init__(self, engine: Engine, config: GenerationConfig, k: int, speculative: bool, drafter: str,
+                 adaptive: bool):
         self.engine, self.config, self.k, self.speculative = engine, config, k, speculative
         self.rng = np.random.default_rng(config.seed)
-        self.drafter = engine.make_drafter(config, self.rng)
+        self.drafter_name, self.drafter = drafter, engine.make_drafter(drafter, config, self.rng)
+        self.policy = engine.policy if adaptive else None   # None: every round drafts k (fewer near the end)
         self._cancel, self._busy = threading.Event(), threading.Lock()   # _busy: held while a round runs
         self.tokens: list[int] = []          # prompt + committed response
         self.n_prompt = 0
@@ -109,7 +112,7 @@ class Generator:
             raise InvalidArgument(f"the prompt has {len(self.tokens)} tokens but the bundle's context holds "
                                   f"{e.max_length}: shorten the prompt or re-export with a larger --max-length")
         self.stats.prompt_tokens = len(self.tokens)
-        self.t0, self._ort0 = time.perf_counter(), e.target.run_s + e.draft.run_s
+        self.t0, self._ort0 = time.perf_counter(), e.run_s()
         # The target's cache holds every committed token but the last, which opens the next verify pass.
         keep = e.target.reuse(self.tokens)
         if keep < len(self.tokens) - 1:
@@ -120,6 +123,10 @@ class Generator:
     def _round(self, k: int) -> list[int]:
         c, target = self.config, self.engine.target
         t0 = time.perf_counter()
+        # 0. how many to draft: k, or what the policy expects to pay best now (0 = a plain step)
+        source = self.drafter.source(self.tokens) if isinstance(self.drafter, HybridDrafter) else self.drafter_name
+        if self.policy and k:
+            k = self.policy.choose(source, k)
         # 1. draft k tokens (and the draft distribution p they came from, when sampling); k = 0 is a plain step
         draft, p = self.drafter.propose(self.tokens, k) if k else (NO_DRAFT, None)     # (k,), (k, V) | None
         k = len(draft)                                                               # a drafter may propose fewer
@@ -137,7 +144,10 @@ class Generator:
         target.rewind(target.pos - (k - n))
         if k:
             self.drafter.accepted(n)
-        self.stats.round(k, n, len(self.response), 1e3 * (t1 - t0), 1e3 * (time.perf_counter() - t1))
+        t2 = time.perf_counter()
+        if self.policy:
+            self.policy.observe(source, k, n, t1 - t0, t2 - t1)
+        self.stats.round(k, n, len(self.response), 1e3 * (t1 - t0), 1e3 * (t2 - t1))
         return [*draft[:n].tolist(), nxt]
 
     def _commit(self, new: list[int]) -> None:
@@ -171,7 +181,7 @@ class Generator:
         s.new_tokens = len(self.response)
         if self.t0 is not None:
             s.decode_ms = 1e3 * (time.perf_counter() - self.t_prefill)
-            s.ort_ms = 1e3 * (e.target.run_s + e.draft.run_s - self._ort0)
+            s.ort_ms = 1e3 * (e.run_s() - self._ort0)
         e._release(self)
 
 

@@ -187,7 +187,7 @@ def topup_drafter(engine, c, rng):
 @pytest.mark.parametrize("make", [lookup_drafter, hybrid_drafter, topup_drafter])
 def test_greedy_equals_plain_decoding(llama, make):
     oracle = target_model(llama)
-    llama.make_drafter = lambda c, rng: make(llama, c, rng)
+    llama.make_drafter = lambda name, c, rng: make(llama, c, rng)
     try:
         matched = 0
         for prompt in PROMPTS + [REPETITIVE]:
@@ -236,7 +236,7 @@ def test_sampling_follows_target_distribution(llama, make):
     cfg = dict(max_new_tokens=2, temperature=1.5, top_k=3)
     support = _support(target_model(llama), ids, cfg, llama.eos)
     n = 1500
-    llama.make_drafter = lambda c, rng: make(llama, c, rng)
+    llama.make_drafter = lambda name, c, rng: make(llama, c, rng)
     try:
         results = [llama.generate(ids, GenerationConfig(seed=seed, k=2, **cfg)) for seed in range(n)]
     finally:
@@ -261,3 +261,27 @@ def test_transformers_prompt_lookup_peer_matches_plain_decoding(llama, checkpoin
             assert len(run.token_ms) == len(run.token_ids) - 1
     finally:
         peer.close()
+
+
+@pytest.mark.parametrize("drafter", ["model", "lookup", "hybrid"])
+def test_every_drafter_fixed_and_adaptive_equals_plain_decoding(llama, drafter):
+    """The public switches (GenerationConfig.drafter, .adaptive): greedy output is the target's own at every k."""
+    oracle = target_model(llama)
+    for prompt in (PROMPTS[1], REPETITIVE):
+        ref = reference.greedy(oracle, llama.encode(prompt), 32, llama.eos)
+        for k, adaptive in ((1, False), (4, False), (8, False), (8, True)):
+            r = llama.generate(prompt, GenerationConfig(max_new_tokens=32, k=k, drafter=drafter, adaptive=adaptive))
+            assert r.token_ids == ref, (drafter, k, adaptive, prompt)
+            s = r.stats
+            assert sum(s.k_hist) == s.rounds and s.rounds_plain == s.k_hist[0]
+            assert all(n == 0 for n in s.k_hist[k + 1 :]), "a round drafted more than k"
+
+
+def test_adaptive_k_stops_drafting_when_drafts_never_land(llama):
+    """Random-weight drafts almost never match the target: the policy learns it and decodes plainly, probing now
+    and then (k = 0 rounds dominate), while fixed k drafts every round."""
+    llama.policy = type(llama.policy)(k_max=llama.policy.k_max)   # a fresh policy: nothing learnt yet
+    r = llama.generate("import os\n", GenerationConfig(max_new_tokens=60, k=4, drafter="model", adaptive=True))
+    fixed = llama.generate("import os\n", GenerationConfig(max_new_tokens=60, k=4, drafter="model"))
+    assert r.token_ids == fixed.token_ids
+    assert fixed.stats.rounds_plain <= 1 and r.stats.rounds_plain > r.stats.rounds // 2, r.stats.k_hist

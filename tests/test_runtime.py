@@ -69,7 +69,7 @@ def test_greedy_equals_target_greedy(bundles, checkpoints, arch):
 @pytest.mark.parametrize("rank,alpha", [(0, 1.0), (1, 0.0)])
 def test_always_right_and_always_wrong_drafts(llama, rank, alpha):
     oracle = target_model(llama)
-    llama.make_drafter = lambda c, rng: SelfDrafter(target_model(llama), rank)
+    llama.make_drafter = lambda name, c, rng: SelfDrafter(target_model(llama), rank)
     try:
         for prompt in PROMPTS:
             ids = llama.encode(prompt)
@@ -113,7 +113,7 @@ def test_sampling_follows_target_distribution(llama):
     n = 1500
     for self_draft in (False, True):
         if self_draft:
-            llama.make_drafter = lambda c, rng: _sampling_self_drafter(llama, c, rng)
+            llama.make_drafter = lambda name, c, rng: _sampling_self_drafter(llama, c, rng)
         try:
             seqs = [tuple(llama.generate(ids, GenerationConfig(seed=seed, k=2, **cfg)).token_ids) for seed in range(n)]
         finally:
