@@ -10,7 +10,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from .config import MAX_K
+from .config import DRAFTERS, MAX_K
 from .errors import BundleError
 
 SCHEMA_VERSION = 1
@@ -109,8 +109,11 @@ class Manifest:
                        f"{_kind(rec[key])}")
         k = m.defaults.get("k", 4)
         _check(type(k) is int and 1 <= k <= MAX_K, "defaults.k", f"must be an integer from 1 to {MAX_K}, got {k!r}")
-        spec = m.defaults.get("speculative", True)
-        _check(type(spec) is bool, "defaults.speculative", f"must be true or false, got {spec!r}")
+        for key in ("speculative", "adaptive"):
+            v = m.defaults.get(key, False)
+            _check(type(v) is bool, f"defaults.{key}", f"must be true or false, got {v!r}")
+        drafter = m.defaults.get("drafter", "model")
+        _check(drafter in DRAFTERS, "defaults.drafter", f"must be one of {', '.join(DRAFTERS)}, got {drafter!r}")
         return m
 
 

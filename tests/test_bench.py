@@ -58,8 +58,8 @@ def test_tune_says_when_speculation_does_not_pay(bundles, prompts, tmp_path):
 
     b = tmp_path / "b"
     shutil.copytree(bundles("llama"), b)
-    r = CliRunner().invoke(main, ["tune", str(b), "--prompts", str(prompts), "--max-new-tokens", "10"],
-                           catch_exceptions=False)
+    r = CliRunner().invoke(main, ["tune", str(b), "--prompts", str(prompts), "--max-new-tokens", "10",
+                                  "--drafters", "spec"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     # a random-weight draft is never accepted: plain decoding must be recommended and become the default
     assert "speculation does not pay" in r.output and "acceptance" in r.output

@@ -27,7 +27,12 @@ from ..runtime.kv import KVModel
 from .exactness import classify
 
 GREEDY = GenerationConfig(temperature=0.0, seed=0)
-BASELINES = ("plain", "spec", "ort-genai", "ort-genai-plain", "hf", "hf-plain")
+BASELINES = ("plain", "spec", "lookup", "hybrid", "adaptive", "ort-genai", "ort-genai-plain", "hf", "hf-plain",
+             "hf-lookup")
+# Our own configurations: baseline name -> (config name prefix, drafter, adaptive k). Fixed-k ones run at every k;
+# adaptive ones at the largest k as their limit.
+OURS = {"spec": ("spec", "model", False), "lookup": ("lookup", "lookup", False), "hybrid": ("hybrid", "hybrid", False),
+        "adaptive": ("adaptive", None, True)}
 
 
 def load_prompts(paths: list[Path]) -> list[str]:
@@ -135,19 +140,29 @@ def run_bench(bundle: Path, prompts: list[str], max_new_tokens: int = 128, ks: t
 
 # -- the steps of run_bench, in order ---------------------------------------------------------------------------------
 def make_configs(engine: Engine, ks, baselines, sampling: GenerationConfig, say) -> tuple[list[Config], dict]:
-    """plain, spec-k*, then the peers that apply to this bundle; returns (configs, {skipped name: why})."""
-    def ours(k):
+    """plain, our drafters (spec-k*: the draft model, lookup-k*, hybrid-k*, adaptive-*), then the peers that apply
+    to this bundle; returns (configs, {skipped name: why})."""
+    def ours(k, drafter="model", adaptive=False):
         def run(prompt_ids, n):
             engine.forget()  # cold prefill, like the peers: the engine's prefix reuse would otherwise skip it
             r = engine.generate(prompt_ids, dataclasses.replace(sampling, max_new_tokens=n, k=k or 1,
-                                                                speculative=k is not None))
+                                                                speculative=k is not None, drafter=drafter,
+                                                                adaptive=adaptive))
             return Run(r.token_ids, r.stats)
         return run
 
-    configs = [Config("plain", None, ours(None))]
-    if "spec" in baselines:
-        configs += [Config(f"spec-k{k}", k, ours(k)) for k in ks]
-    skipped = {}
+    configs, skipped = [Config("plain", None, ours(None))], {}
+    for base, (prefix, drafter, adaptive) in OURS.items():
+        if base not in baselines:
+            continue
+        if drafter == "model" and engine.draft is None:
+            skipped[prefix] = f"{engine.bundle} has no draft model"
+            say(f"skipping {prefix}: {skipped[prefix]}")
+        elif adaptive:  # the adaptive policy with each drafter the bundle has, at most the largest k per round
+            configs += [Config(f"adaptive-{d}", max(ks), ours(max(ks), d, True))
+                        for d in (("model", "hybrid") if engine.draft else ("lookup",))]
+        else:
+            configs += [Config(f"{prefix}-k{k}", k, ours(k, drafter)) for k in ks]
     try:
         for name, k, make in _peer_factories(engine, ks, baselines, skipped, say):
             peer = make()
@@ -209,6 +224,18 @@ def _peer_factories(engine: Engine, ks, baselines, skipped: dict, say):
             if "hf" in wanted:
                 for k in ks:
                     yield f"hf-k{k}", k, lambda k=k: HFAssisted(target, draft, k, eos_token_ids=eos)
+    if "hf-lookup" in wanted:
+        target = Path(engine.manifest.compatibility["target"]["path"])
+        if not target.is_dir():
+            skip("hf-lookup", f"transformers needs the source checkpoint {target}, which is gone")
+        elif not (_importable("torch") and _importable("transformers")):
+            skip("hf-lookup", "torch and transformers are not installed (pip install 'specedge[export]')")
+        else:
+            from .peers import HFPromptLookup
+
+            eos = list(engine.manifest.tokenizer.eos_token_ids)
+            for k in ks:
+                yield f"hf-lookup-k{k}", k, lambda k=k: HFPromptLookup(target, k, eos_token_ids=eos)
 
 
 def _importable(module: str) -> bool:
@@ -231,7 +258,7 @@ def warm_up(engine: Engine, configs: list[Config], ids: list[list[int]], n: int,
     """Take first-run costs out of the measurement: every step size a round uses (1..k+1: verify passes, the draft's
     catch-up feeds, plain steps; a GPU captures one CUDA graph per size), then each configuration on the first prompt (or, with
     every_prompt, on every prompt at the full length: each prompt's prefill size warmed as well)."""
-    for model in (engine.target, engine.draft):
+    for model in filter(None, (engine.target, engine.draft)):
         for size in range(1, max(ks) + 2):
             model.reset()
             model.forward([5] * size, want="argmax")
@@ -255,8 +282,8 @@ def measure(configs: list[Config], ids: list[list[int]], max_new_tokens: int, pr
 def measure_step_costs(engine: Engine, ks) -> dict:
     """t(n) of the target for n = 1..max k + 1 and t(1), t(2) of the draft, at half the context or 256 cached."""
     past = min(256, engine.max_length // 2)
-    return {"target": step_costs(engine.target, list(range(1, max(ks) + 2)), past),
-            "draft": step_costs(engine.draft, [1, 2], past), "past": past}
+    draft = step_costs(engine.draft, [1, 2], past) if engine.draft else {1: 0.0, 2: 0.0}  # no draft model: free
+    return {"target": step_costs(engine.target, list(range(1, max(ks) + 2)), past), "draft": draft, "past": past}
 
 
 def summarize(name: str, k: int | None, runs: list[Run]) -> dict:
@@ -367,7 +394,8 @@ def plot(report: dict, path: Path) -> None:
         ks = [k for k in range(1, len(t)) if k + 1 in t]
         ax1.plot(ks, [tau(alpha, k) * t[1] / (k * d[1] + t[k + 1]) for k in ks], "-", color="gray",
                  label=f"predicted (α={alpha:.2f}, measured c and t(n))")
-    for prefix, marker in (("spec-", "o"), ("ort-genai-k", "s"), ("hf-k", "^")):
+    for prefix, marker in (("spec-k", "o"), ("lookup-k", "D"), ("hybrid-k", "P"), ("adaptive-", "*"),
+                           ("ort-genai-k", "s"), ("hf-k", "^"), ("hf-lookup-k", "v")):
         pts = [(r["k"], r["speedup_vs_plain"]) for r in res if r["name"].startswith(prefix)]
         if pts:
             ax1.plot(*zip(*pts), marker, label=prefix.rstrip("-k").rstrip("-") + " (measured)")

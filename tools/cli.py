@@ -353,9 +353,10 @@ def _ints(text: str) -> tuple[int, ...]:
               help="With --temperature: 1 = off.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="With --temperature: the sampling seed.")
-@click.option("--baselines", default="plain,spec", show_default=True,
-              help="Comma-separated: plain, spec, ort-genai, ort-genai-plain, hf, hf-plain. A peer that does not "
-                   "apply to the bundle is skipped with a line saying why.")
+@click.option("--baselines", default="plain,spec,lookup,hybrid,adaptive", show_default=True,
+              help="Comma-separated: plain, spec (draft model, fixed k), lookup, hybrid, adaptive (k per round), "
+                   "ort-genai, ort-genai-plain, hf, hf-plain, hf-lookup (transformers prompt lookup). A peer that "
+                   "does not apply to the bundle is skipped with a line saying why.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), callback=_output_file,
               help="Write the report as JSON here.")
 @click.option("--plot", "plot_out", type=click.Path(path_type=Path), callback=_output_file,
@@ -397,6 +398,15 @@ def bench(bundle, prompt_files, max_new_tokens, k_list, temperature, top_k, top_
     b.check_exactness(report)
 
 
+def _drafters(ctx, param, value):
+    names = tuple(x.strip() for x in value.split(",") if x.strip())
+    from .tune import DRAFTERS
+
+    if not names or set(names) - set(DRAFTERS):
+        raise click.BadParameter(f"choose from {', '.join(DRAFTERS)}, comma-separated; got {value!r}", ctx, param)
+    return names
+
+
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--prompts", "prompt_files", type=INPUT_FILE, multiple=True, required=True, callback=_prompts,
@@ -404,7 +414,9 @@ def bench(bundle, prompt_files, max_new_tokens, k_list, temperature, top_k, top_
 @click.option("--drafts", type=click.Path(exists=True, file_okay=False, path_type=Path), multiple=True,
               help="Other bundles (same target, other drafts or draft precisions) to compare. Repeatable.")
 @click.option("--max-new-tokens", type=TOKENS, default=128, show_default=True)
-def tune(bundle, prompt_files, drafts, max_new_tokens):
+@click.option("--drafters", default="spec,lookup,hybrid,adaptive", show_default=True, callback=_drafters,
+              help="Which drafting to consider: spec (the draft model), lookup, hybrid, adaptive (k per round).")
+def tune(bundle, prompt_files, drafts, max_new_tokens, drafters):
     """Measure alpha and c on your prompts, pick k (and the draft), write the choice into the winning bundle.
 
     \b
@@ -414,10 +426,10 @@ def tune(bundle, prompt_files, drafts, max_new_tokens):
     from . import bench as b
     from . import tune as t
 
-    out = t.tune(bundle, b.load_prompts(list(prompt_files)), max_new_tokens, tuple(drafts))
+    out = t.tune(bundle, b.load_prompts(list(prompt_files)), max_new_tokens, tuple(drafts), drafters=drafters)
     for e in out["evaluated"]:
-        pred = " ".join(f"k{k}:{v:.2f}x" for k, v in e["predicted"].items())
-        meas = " ".join(f"k{k}:{v:.2f}x" for k, v in e["measured"].items())
+        pred = " ".join(f"k{k}:{v:.2f}x" for k, v in e["predicted"].items())  # the draft model's, from alpha and c
+        meas = " ".join(f"{name}:{v:.2f}x" for name, v in e["measured"].items())
         click.echo(f"{e['bundle']}: alpha {e['alpha']:.2f}, c {e['c']:.3f}\n  predicted {pred}\n  measured  {meas}")
     ch = out["choice"]
     where = Path(ch["written_to"])
@@ -425,10 +437,10 @@ def tune(bundle, prompt_files, drafts, max_new_tokens):
         click.secho("speculation does not pay here: " + "; ".join(out["reasons"]) +
                     f". Plain decoding is now {where}'s default.", fg="yellow")
     elif where == Path(bundle):
-        click.secho(f"choice: k={ch['k']} ({ch['expected_speedup']:.2f}x over plain); written to "
+        click.secho(f"choice: {ch['config']} ({ch['expected_speedup']:.2f}x over plain); written to "
                     f"{where / 'manifest.json'} as the default", fg="green")
     else:
-        click.secho(f"choice: the draft of {where} with k={ch['k']} ({ch['expected_speedup']:.2f}x over plain); "
+        click.secho(f"choice: {ch['config']} with the draft of {where} ({ch['expected_speedup']:.2f}x over plain); "
                     f"written to {where / 'manifest.json'} as its default. Use {where} instead of {bundle} "
                     f"({bundle} is unchanged).", fg="green")
     if out["distill_hint"]:

@@ -18,10 +18,13 @@ from .bench import run_bench, tau
 PAYS = 1.05   # a measured speedup below this is noise or a loss: plain decoding is simpler and as fast
 
 
+DRAFTERS = ("spec", "lookup", "hybrid", "adaptive")   # bench baselines: the draft model, prompt lookup, both, adaptive k
+
+
 def tune(bundle: Path, prompts: list[str], max_new_tokens: int = 128, candidates: tuple[Path, ...] = (),
-         k_range: range = range(1, 9), progress=None) -> dict:
-    """Pick the draft (bundle) and k that maximise measured tokens/s, write it, and return what was decided."""
-    evaluated = [measure(b, prompts, max_new_tokens, k_range, progress) for b in (bundle, *candidates)]
+         k_range: range = range(1, 9), progress=None, drafters: tuple[str, ...] = DRAFTERS) -> dict:
+    """Pick the draft (bundle), drafter and k that maximise measured tokens/s, write it, and return the decision."""
+    evaluated = [measure(b, prompts, max_new_tokens, k_range, progress, drafters) for b in (bundle, *candidates)]
     out = choose(Path(bundle), evaluated)
     write_choice(out["choice"])
     best = next(e for e in evaluated if e["bundle"] == out["choice"]["draft_bundle"])
@@ -30,21 +33,26 @@ def tune(bundle: Path, prompts: list[str], max_new_tokens: int = 128, candidates
     return out
 
 
-def measure(bundle: Path, prompts: list[str], max_new_tokens: int, k_range: range, progress=None) -> dict:
-    """alpha and c at k = 4, the predicted speedup for every k in k_range, then the three best measured."""
-    first = run_bench(bundle, prompts, max_new_tokens, ks=(4,), progress=progress)
-    spec4 = next(r for r in first["results"] if r["name"] == "spec-k4")
-    alpha = spec4["alpha"] or 0.0
+def measure(bundle: Path, prompts: list[str], max_new_tokens: int, k_range: range, progress=None,
+            drafters: tuple[str, ...] = DRAFTERS) -> dict:
+    """alpha and c at k = 4, the speedup predicted for every k in k_range, then every drafter measured at the three
+    best k (adaptive k at the largest of them)."""
+    first = run_bench(bundle, prompts, max_new_tokens, ks=(4,), baselines=("plain", "spec", "lookup"),
+                      progress=progress)
+    at4 = {r["name"]: r for r in first["results"]}
+    alpha = (at4.get("spec-k4") or at4["lookup-k4"])["alpha"] or 0.0   # a bundle without a draft model: lookup's
     tn, d1 = first["step_ms"]["target"], first["step_ms"]["draft"][1]
     slope = (tn[5] - tn[1]) / 4  # t(n) beyond the measured k + 1 = 5 grows linearly with the measured slope
     predicted = {k: tau(alpha, k) * tn[1] / (k * d1 + tn.get(k + 1, tn[1] + slope * k)) for k in k_range}
     top = sorted(predicted, key=predicted.get, reverse=True)[:3]
-    second = run_bench(bundle, prompts, max_new_tokens, ks=tuple(sorted(top)), progress=progress)
-    measured = {r["k"]: r["speedup_vs_plain"] for r in second["results"] if r["name"].startswith("spec-")}
-    best_k = max(measured, key=measured.get)
+    second = run_bench(bundle, prompts, max_new_tokens, ks=tuple(sorted(top)), baselines=("plain", *drafters),
+                       progress=progress)
+    ours = [r for r in second["results"] if r["name"] != "plain"]
+    best = max(ours, key=lambda r: r["speedup_vs_plain"])
     return {"bundle": str(bundle), "alpha": alpha, "c": first["c"], "t": tn, "predicted": predicted,
-            "measured": measured,
-            "best_k": best_k, "best_speedup": measured[best_k],
+            "measured": {r["name"]: r["speedup_vs_plain"] for r in ours},
+            "best_k": best["k"], "best_speedup": best["speedup_vs_plain"], "best_config": best["name"],
+            "best_tau": best["mean_accepted_length"] or 1.0,
             "plain_tokens_per_s": next(r["tokens_per_s"] for r in second["results"] if r["name"] == "plain"),
             "mean_new_tokens": second["results"][0]["new_tokens"] / len(prompts)}
 
@@ -54,7 +62,9 @@ def choose(bundle: Path, evaluated: list[dict]) -> dict:
     best = max(evaluated, key=lambda e: e["best_speedup"])
     # Both must agree: a measured gain the timing model cannot explain from alpha and c (alpha 0 "winning" on a busy
     # machine) is noise, and recommending speculation on noise would make every request slower.
-    predicted = best["predicted"].get(best["best_k"], 0.0)
+    # The model drafter's gain must follow from alpha and c; any drafter's is bounded by tau (tokens per target pass).
+    config = best.get("best_config", f"spec-k{best['best_k']}")
+    predicted = best["predicted"].get(best["best_k"], 0.0) if config.startswith("spec-") else best["best_tau"]
     pays = best["best_speedup"] >= PAYS and predicted >= 1.0
     reasons = []
     if not pays:
@@ -70,16 +80,18 @@ def choose(bundle: Path, evaluated: list[dict]) -> dict:
             reasons.append(f"responses are short ({best['mean_new_tokens']:.0f} tokens): time to first token "
                            f"dominates and drafting cannot amortise")
         reasons = reasons or [f"measured speedup below {PAYS}x at every k tried"]
-    choice = {"k": best["best_k"], "speculative": pays, "draft_bundle": best["bundle"],
+    drafter = {"spec": "model", "adaptive": config.rsplit("-", 1)[-1]}.get(config.split("-")[0], config.split("-")[0])
+    choice = {"k": best["best_k"], "speculative": pays, "draft_bundle": best["bundle"], "config": config,
+              "drafter": drafter, "adaptive": config.startswith("adaptive-"),
               "expected_speedup": best["best_speedup"], "alpha": best["alpha"], "c": best["c"],
               "written_to": best["bundle"] if pays else str(bundle)}
     return {"choice": choice, "reasons": reasons, "evaluated": evaluated}
 
 
 def write_choice(choice: dict) -> None:
-    tuned = {k: choice[k] for k in ("k", "speculative", "expected_speedup", "alpha", "c")}
-    write_defaults(Path(choice["written_to"]), {"k": choice["k"], "speculative": choice["speculative"],
-                                                "tuned": tuned})
+    tuned = {k: choice[k] for k in ("k", "speculative", "config", "expected_speedup", "alpha", "c")}
+    write_defaults(Path(choice["written_to"]), {k: choice[k] for k in ("k", "speculative", "drafter", "adaptive")}
+                   | {"tuned": tuned})
 
 
 def write_defaults(bundle: Path, defaults: dict) -> None:
