@@ -23,6 +23,8 @@ SPECIALS = ("bos", "eos", "pad", "unk")
 RECURRENT = {"mamba", "mamba2", "falcon_mamba", "rwkv", "recurrent_gemma", "jamba", "lfm2", "falcon_h1", "zamba",
              "zamba2", "bamba", "nemotron_h", "granitemoehybrid", "qwen3_next"}
 FULL_ATTENTION = {"full_attention", "attention"}
+# Families whose sliding window is switched by use_sliding_window (and then applies from max_window_layers on).
+QWEN_WINDOWS = {"qwen2", "qwen2_moe", "qwen3", "qwen3_moe"}
 
 # Family decision: exact model_type equality is the same family. Model types in one group below are generations or
 # variants of one family (same tokenizer lineage, same decoder layout: Qwen2 -> Qwen3, Gemma 1 -> 3, Mistral ->
@@ -54,7 +56,7 @@ class ModelInfo:
     vocab_size: int          # config vocab (embedding rows); may exceed the tokenizer's size (padded vocabularies)
     rewindable: bool
     rewind_reason: str       # '' when rewindable
-
+    windows: tuple[int, ...]  # per layer: tokens of sliding-window attention, 0 = global
 
 @dataclass(frozen=True)
 class Verdict:
@@ -120,23 +122,48 @@ def _count_parameters(path: Path, cfg: dict) -> int:
     return sum(math.prod(s) for s in shapes.values())
 
 
+def _layer_types(cfg: dict) -> list[str]:
+    """Each layer's attention type, as transformers derives it when config.json lists none (older checkpoints)."""
+    n = cfg.get("num_hidden_layers") or cfg.get("n_layer") or cfg.get("num_layers") or 0
+    if cfg.get("layer_types") or cfg.get("layers_block_type"):
+        return list(cfg.get("layer_types") or cfg["layers_block_type"])
+    model_type, window = cfg.get("model_type", ""), cfg.get("sliding_window")
+    if window is None:
+        return ["full_attention"] * n
+    if model_type in QWEN_WINDOWS:  # the window is off unless use_sliding_window, and then only past max_window_layers
+        on, first = cfg.get("use_sliding_window", False), cfg.get("max_window_layers", 0)
+        return ["sliding_attention" if on and i >= first else "full_attention" for i in range(n)]
+    if model_type == "gemma2":      # local, global, local, ...
+        return ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
+    if model_type in ("gemma3", "gemma3_text"):  # (pattern - 1) local layers, then one global
+        pattern = cfg.get("sliding_window_pattern") or cfg.get("_sliding_window_pattern") or 6
+        return ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(n)]
+    return ["sliding_attention"] * n  # Mistral, Phi-3, ...: every layer attends within the window
+
+
+def layer_windows(cfg: dict) -> tuple[int, ...]:
+    """Tokens each layer attends back over (0: the whole sequence). A window >= max_position_embeddings never
+    evicts anything and counts as global."""
+    types = _layer_types(cfg)
+    window, max_pos = cfg.get("sliding_window") or 0, cfg.get("max_position_embeddings") or 0
+    if window <= 0 or (max_pos and window >= max_pos):
+        return (0,) * len(types)
+    return tuple(window if t == "sliding_attention" else 0 for t in types)
+
+
 def _rewind_problem(cfg: dict) -> str:
-    """Why the KV cache of this model cannot be cut back to an earlier position ('' if it can)."""
+    """Why the KV cache of this model cannot be cut back to an earlier position ('' if it can).
+
+    A sliding-window layer can: specedge keeps every position in a full-length buffer and the window is only a mask
+    over it (GroupQueryAttention's local_window_size, or transformers' sliding mask in torch.onnx graphs), which a
+    rollback (an integer) does not disturb. What cannot is state that is overwritten in place: recurrent/SSM layers,
+    and ring-buffer caches of window size (which the exporter never writes; see graphs.py)."""
     model_type = cfg.get("model_type", "")
     if model_type in RECURRENT:
         return f"{model_type} has recurrent (state-space) layers whose state is overwritten in place"
-    types = set(cfg.get("layer_types") or cfg.get("layers_block_type") or ())
-    other = sorted(types - FULL_ATTENTION - {"sliding_attention"})
+    other = sorted(set(_layer_types(cfg)) - FULL_ATTENTION - {"sliding_attention"})
     if other:
         return f"layer types {other} keep a recurrent or rolling state, not a full KV cache"
-    window, max_pos = cfg.get("sliding_window"), cfg.get("max_position_embeddings") or 0
-    # Qwen2-style configs carry a window but switch it off with use_sliding_window=false; layer_types, when present,
-    # says which layers use it (none: the window is unused). A window >= max positions never evicts anything.
-    active = (window is not None and cfg.get("use_sliding_window") is not False and window < max_pos
-              and (not types or "sliding_attention" in types))
-    if active:
-        return (f"sliding-window attention (window {window} < max_position_embeddings {max_pos}) keeps only the "
-                f"last {window} positions in a rolling cache")
     return ""
 
 
@@ -157,6 +184,7 @@ def model_info(path: Path) -> ModelInfo:
         vocab_size=vocab,
         rewindable=not reason,
         rewind_reason=reason,
+        windows=layer_windows(cfg),
     )
 
 
@@ -272,10 +300,7 @@ def check_pair(target: Path, draft: Path) -> Verdict:
 
     for role, m in (("target", t), ("draft", d)):
         if not m.rewindable:
-            fix = "pick a full-attention model"
-            if "sliding" in m.rewind_reason:
-                fix += (" or, if requests never exceed the window, disable it in config.json (sliding_window: null, "
-                        "or use_sliding_window: false)")
+            fix = "pick a model whose layers are all attention (full or sliding-window)"
             errors.append(f"the {role} ({m.model_type}) cannot be rewound after rejected draft tokens: "
                           f"{m.rewind_reason}; {fix}")
 
