@@ -39,6 +39,9 @@ class ModelSpec:
     max_length: int           # tokens the KV buffers hold
     kv_dtype: str             # float32 | float16
     rewindable: bool
+    # Optional (older manifests lack it): per layer, the tokens a sliding-window layer attends back over, 0 = global.
+    # Informational: the graph applies the window itself over the full-length buffer, so rewinding is unchanged.
+    windows: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
