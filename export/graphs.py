@@ -16,11 +16,13 @@ import numpy as np
 import onnx
 
 from ..runtime.errors import ExportError
+from .check import layer_windows
 
 # Architectures the builder handles with plain full attention (checked against onnxruntime-genai 0.18).
 BUILDER_ARCHS = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                  "Phi3ForCausalLM", "GemmaForCausalLM", "GraniteForCausalLM", "OlmoForCausalLM",
-                 "SmolLM3ForCausalLM", "NemotronForCausalLM", "PhiForCausalLM"}
+                 "SmolLM3ForCausalLM", "NemotronForCausalLM", "PhiForCausalLM", "Gemma2ForCausalLM",
+                 "Gemma3ForCausalLM"}
 PRECISIONS = ("fp32", "fp16", "int8", "int4", "fp8")
 BUILDER_EP = {"cpu": "cpu", "cuda": "cuda", "rtx": "NvTensorRtRtx"}
 
@@ -31,22 +33,53 @@ def build_graph(model_dir: Path, out_dir: Path, precision: str, device: str, log
     `calibration`: token id lists for FP8 calibration."""
     config = json.loads((model_dir / "config.json").read_text())
     arch = config["architectures"][0]
+    windows = layer_windows({**(config.get("text_config") or {}), **config})
     out_dir.mkdir(parents=True, exist_ok=True)
-    if device in BUILDER_EP and arch in BUILDER_ARCHS:
+    if device in BUILDER_EP and arch in BUILDER_ARCHS and not builder_problem(config):
         facts = _builder(model_dir, out_dir, precision, BUILDER_EP[device], log)
+        _check_windows(out_dir / "model.onnx", windows)
     elif device in ("cpu", "trt"):  # native TensorRT reads plain ONNX ops: always the torch.onnx graph
         facts = _fallback(model_dir, out_dir, precision, arch, log, calibration)
     else:
         raise ExportError(f"{arch} is not supported by onnxruntime-genai's model builder, whose in-place KV graphs "
                           f"--device {device} needs; export it with --device cpu or --device trt")
     add_argmax(out_dir / "model.onnx")
-    return dict(facts, **_graph_io(out_dir / "model.onnx"))
+    return dict(facts, windows=windows, **_graph_io(out_dir / "model.onnx"))
+
+
+def builder_problem(config: dict) -> str:
+    """Why the model builder would export this checkpoint wrongly ('' if it will not); then torch.onnx does it."""
+    rope = config.get("rope_parameters") or {}
+    if "full_attention" in rope and any(r.get("rope_type", "default") != "default" for r in rope.values()):
+        # Per-layer-type scaled RoPE (Gemma 3 4B+: linear x8 on global layers only): the builder applies one
+        # scaling to the caches of both layer types.
+        return "per-layer-type RoPE scaling"
+    return ""
+
+
+def _check_windows(path: Path, windows: tuple[int, ...]) -> None:
+    """The graph must apply each layer's window as a mask over a full-length buffer: the window transformers uses
+    (a builder that drops it gives other logits past the window) and no ring buffer (which cannot be rewound)."""
+    m = onnx.load(str(path), load_external_data=False)
+    attn = [n for n in m.graph.node if n.op_type == "GroupQueryAttention"]
+    attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in attn]
+    if len(attrs) != len(windows):
+        return  # not one GroupQueryAttention per layer (fp16 CPU graphs): parity is the check there
+    got = tuple(max(0, a.get("local_window_size", -1)) for a in attrs)
+    if got != windows:
+        raise ExportError(f"the model builder applied sliding windows {got} but the checkpoint's layers use "
+                          f"{windows} (0 = global); report it, and export with --device cpu meanwhile")
+    if any(a.get("sliding_window_cache") for a in attrs):
+        raise ExportError("the model builder wrote window-sized ring-buffer KV caches, which cannot be rewound; "
+                          "this onnxruntime-genai ignored windowed_kv_cache=false: use version 0.18")
 
 
 def _builder(model_dir: Path, out_dir: Path, precision: str, device: str, log: Path) -> dict:
     cache = out_dir.parent / f".cache-{out_dir.name}"
-    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir), "-o", str(out_dir),
-           "-p", precision, "-e", device, "-c", str(cache)]
+    # Through genai_builder, which adapts the configs the builder misreads (windows, Gemma 3's RoPE). Full-length
+    # KV buffers for sliding-window layers too: the window is then a mask, and rewinding stays an integer.
+    cmd = [sys.executable, "-m", "specedge.export.genai_builder", "-i", str(model_dir), "-o", str(out_dir),
+           "-p", precision, "-e", device, "-c", str(cache), "--extra_options", "windowed_kv_cache=false"]
     # The builder prints a lot and its --help crashes; run it apart and keep its log for the error message.
     with open(log, "a") as f:
         f.write("$ " + " ".join(cmd) + "\n")
