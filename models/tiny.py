@@ -11,6 +11,11 @@ from pathlib import Path
 ARCHS = ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma", "gemma2", "gemma3", "gpt2")
 # Small enough that the tests' prompts and generations cross it; real models use 512-4096.
 WINDOW = 16
+# Named variants of an architecture: name -> (arch, tiny_config options).
+VARIANTS = {
+    "mistral-sw": ("mistral", dict(window=WINDOW)),             # Mistral-7B-v0.1: every layer windowed
+    "smollm2": ("llama", dict(tie_word_embeddings=True)),       # SmolLM2: a Llama with a tied head
+}
 
 
 def stdlib_files(limit: int | None = None) -> list[Path]:
@@ -84,7 +89,7 @@ def tiny_config(arch: str, vocab_size: int, *, layers: int = 2, hidden: int = 64
 
 
 def build_tiny(out: Path, arch: str, tokenizer_dir: Path, *, seed: int = 0, **shape) -> Path:
-    """Save a random-initialised causal LM of `arch` plus the tokenizer files into `out`."""
+    """Save a random-initialised causal LM of `arch` (or one of VARIANTS) plus the tokenizer files into `out`."""
     import shutil
 
     import torch
@@ -92,6 +97,8 @@ def build_tiny(out: Path, arch: str, tokenizer_dir: Path, *, seed: int = 0, **sh
 
     from tokenizers import Tokenizer
 
+    arch, variant = VARIANTS.get(arch, (arch, {}))
+    shape = {**variant, **shape}
     vocab_size = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).get_vocab_size()
     cfg = tiny_config(arch, vocab_size=shape.pop("vocab_size", vocab_size), **shape)
     torch.manual_seed(seed)

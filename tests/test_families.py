@@ -1,0 +1,75 @@
+"""The family matrix: every family specedge claims exports with default options, records passing parity, and decodes
+greedily exactly as transformers does, plain and speculative, on prompts and generations that cross the tiny
+models' 16-token sliding window where the family has one. docs/families.md's table is checked against the bundles."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from specedge.export.check import check_pair
+from specedge.runtime import Engine
+from specedge.runtime.manifest import load_manifest
+
+FAMILIES = ["llama", "smollm2", "qwen2", "qwen3", "mistral", "mistral-sw", "phi3", "gemma", "gemma2", "gemma3",
+            "gpt2"]
+DOC = Path(__file__).resolve().parent.parent / "docs" / "families.md"
+# ~40 tokens of prompt and 40 generated: both cross the 16-token window, and stay inside max_length 128.
+PROMPT = ("import os\nimport sys\n\n\nclass Config:\n    def __init__(self, path):\n        self.path = path\n"
+          "        self.items = {}\n")
+NEW = 40
+
+
+def table_row(m) -> list[str]:
+    """What docs/families.md says about a family, derived from its exported bundle."""
+    t = m.target
+    windows = ", ".join(map(str, t.windows)) if any(t.windows) else "-"
+    graph = "model builder" if "builder" in t.builder else "torch.onnx"
+    return [t.architecture, graph, {"inplace": "in-place", "concat": "concat"}[t.kv_layout], windows]
+
+
+def doc_rows() -> dict[str, list[str]]:
+    rows = {}
+    for line in DOC.read_text().splitlines():
+        cells = [c.strip().strip("`") for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 5 and cells[0] in FAMILIES:
+            rows[cells[0]] = cells[1:5]
+    return rows
+
+
+def _hf_greedy(path, ids, n, eos):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=n, do_sample=False, eos_token_id=sorted(eos) or None,
+                             pad_token_id=0)[0, len(ids):].tolist()
+    return out[: next((i for i, t in enumerate(out) if t in eos), len(out))]
+
+
+def test_the_doc_lists_every_family():
+    assert sorted(doc_rows()) == sorted(FAMILIES)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family(bundles, checkpoints, family):
+    target, draft = checkpoints(family)
+    v = check_pair(target, draft)
+    assert v.compatible and v.target.rewindable, v.errors
+    m = load_manifest(bundles(family), verify=True)
+    assert m.target.windows == v.target.windows and m.draft.windows == v.draft.windows
+    assert m.parity["target"]["max_abs_logit_diff"] < 1e-3 and m.parity["target"]["step_top1_agreement"] == 1.0
+    assert table_row(m) == doc_rows()[family], f"docs/families.md's row for {family} is out of date"
+    engine = Engine(bundles(family))
+    ids = engine.encode(PROMPT)
+    window = max(m.target.windows)
+    assert not window or len(ids) > window and len(ids) + NEW > 2 * window   # the window is crossed, twice over
+    ref = _hf_greedy(target, ids, NEW, engine.eos)
+    assert len(ref) > 8  # random weights rarely say EOS; an early EOS would leave the window uncrossed
+    assert engine.generate(PROMPT, max_new_tokens=NEW, speculative=False).token_ids == ref
+    for k in (2, 5):
+        assert engine.generate(PROMPT, max_new_tokens=NEW, k=k).token_ids == ref, (family, k)
+
