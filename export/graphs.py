@@ -131,15 +131,75 @@ def _fallback(model_dir: Path, out_dir: Path, precision: str, arch: str, log: Pa
 
 def quantize_matmul_nbits(path: Path, bits: int) -> None:
     """Weight-only block quantization (MatMulNBits): step-consistent, unlike quantize_dynamic's per-tensor
-    activation scales, which make a multi-token step disagree with one-by-one decoding."""
+    activation scales, which make a multi-token step disagree with one-by-one decoding. Every weight MatMul is
+    quantized, a tied LM head included (see _untie_transposed_weights)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     model = onnx.load(str(path))
+    _untie_transposed_weights(model)
     q = MatMulNBitsQuantizer(model, bits=bits, block_size=32, is_symmetric=True)
     q.process()
     for f in path.parent.glob(path.name + "*"):
         f.unlink()
     onnx.save(q.model.model, str(path), save_as_external_data=True, location=path.name + ".data")
+
+
+def _untie_transposed_weights(model: onnx.ModelProto) -> int:
+    """Give each MatMul fed by Transpose(initializer) its own transposed initializer; return how many.
+
+    torch.onnx writes a tied LM head as MatMul(h, Transpose(embedding)). The quantizer only takes MatMuls whose
+    weight is an initializer, so the head (a 262k x 640 matrix in Gemma 3, most of a small model's bytes per step)
+    stayed fp32 in int4 drafts. The embedding's Gather keeps the fp32 table (it reads one row per token); the head
+    gets an int4 copy: the file grows by an eighth of the head, each step reads an eighth of it."""
+    from onnx import numpy_helper
+
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    users: dict[str, int] = {}
+    for n in g.node:
+        for i in n.input:
+            users[i] = users.get(i, 0) + 1
+    done = 0
+    for n in g.node:
+        if n.op_type != "MatMul" or len(n.input) < 2:
+            continue
+        t = producer.get(n.input[1])
+        if t is None or t.op_type != "Transpose" or t.input[0] not in inits:
+            continue
+        w = numpy_helper.to_array(inits[t.input[0]])
+        perm = next((list(a.ints) for a in t.attribute if a.name == "perm"), None)
+        if w.ndim != 2 or perm not in (None, [1, 0]):
+            continue
+        name = f"{t.input[0]}.T"
+        g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.T), name))
+        n.input[1] = name
+        users[t.output[0]] -= 1
+        if users[t.output[0]] == 0:
+            g.node.remove(t)
+        done += 1
+    return done
+
+
+def weight_bytes_per_step(path: Path) -> int:
+    """Bytes of weights one decode step reads: every constant a MatMul/MatMulNBits/Gemm multiplies by (through a
+    Transpose too). Embedding tables are left out: a Gather reads one row per token."""
+    from onnx import numpy_helper
+
+    m = onnx.load(str(path))
+    inits = {t.name: t for t in m.graph.initializer}
+    producer = {o: n for n in m.graph.node for o in n.output}
+    total = 0
+    for n in m.graph.node:
+        if n.op_type not in ("MatMul", "MatMulNBits", "Gemm"):
+            continue
+        for name in n.input[1:]:
+            src = producer.get(name)
+            if src is not None and src.op_type == "Transpose":
+                name = src.input[0]
+            if name in inits:
+                total += numpy_helper.to_array(inits[name]).nbytes
+    return total
 
 
 def add_argmax(path: Path) -> None:
