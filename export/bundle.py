@@ -38,7 +38,7 @@ def export_bundle(o: ExportOptions, progress=None) -> Manifest:
         raise InvalidArgument(f"{out} already exists: pass --force to replace it (the old bundle is kept until the "
                               f"new one is complete)")
     say(0, 6, "checking compatibility")
-    verdict = check_pair(Path(o.target), Path(o.draft))
+    verdict = check_pair(Path(o.target), Path(o.draft), tp, dp)
     require_compatible(verdict)
     for info in (verdict.target, verdict.draft):
         limit = _max_positions(Path(info.path))

@@ -39,8 +39,12 @@ FAMILY_GROUPS = (
     {"deepseek_v2", "deepseek_v3"},
 )
 
-# Rule of thumb from practice: a draft 10-50x smaller than the target.
+# Rule of thumb from practice: a draft that reads 10-50x fewer bytes per step than the target (decoding is
+# memory-bound, so bytes per step, precision included, set a step's cost; the target's own weights in int4 are a
+# legitimate draft).
 RATIO_MAX, RATIO_MIN = 1 / 10, 1 / 50
+# Bytes per weight as exported: MatMulNBits stores 4 or 8 bits plus one fp32 scale per block of 32 weights.
+BYTES_PER_WEIGHT = {"fp32": 4.0, "fp16": 2.0, "fp8": 1.0, "int8": 1 + 4 / 32, "int4": 0.5 + 4 / 32}
 TINY_DRAFT = 5_000_000
 DEEP_DRAFT = 8
 
@@ -57,6 +61,7 @@ class ModelInfo:
     rewindable: bool
     rewind_reason: str       # '' when rewindable
     windows: tuple[int, ...]  # per layer: tokens of sliding-window attention, 0 = global
+    step_parameters: int     # weights one decode step reads: all but an untied input embedding (a row lookup)
 
 @dataclass(frozen=True)
 class Verdict:
@@ -68,6 +73,8 @@ class Verdict:
     tokenizer_vocab_size: int    # the larger of the two tokenizers' sizes (equal when they are the same tokenizer)
     vocab_size_difference: int   # target config vocab - draft config vocab
     size_ratio: float            # draft params / target params
+    step_bytes_ratio: float      # draft / target weight bytes read per step, at the precisions they are exported in
+    precisions: tuple[str, str]  # (target, draft) precisions the byte ratio assumes
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -113,13 +120,20 @@ def _tensor_shapes(path: Path) -> dict[str, list[int]]:
     return shapes
 
 
-def _count_parameters(path: Path, cfg: dict) -> int:
+def _count_parameters(path: Path, cfg: dict) -> tuple[int, int]:
+    """(parameters, weights read per decode step)."""
     shapes = _tensor_shapes(path)
     # Buffers some checkpoints save alongside the weights: RoPE frequencies, GPT-2's causal masks. Not parameters.
     shapes = {k: s for k, s in shapes.items() if not k.endswith(("inv_freq", ".attn.bias", ".attn.masked_bias"))}
-    if cfg.get("tie_word_embeddings"):
+    tied = cfg.get("tie_word_embeddings", cfg.get("model_type") in ("gpt2", "gemma", "gemma2", "gemma3",
+                                                                     "gemma3_text"))
+    if tied:
         shapes.pop("lm_head.weight", None)  # tied: the output head is the embedding matrix, counted once
-    return sum(math.prod(s) for s in shapes.values())
+    total = sum(math.prod(s) for s in shapes.values())
+    # An untied input embedding is a lookup of one row per token; a tied one is also the head, read every step.
+    embedding = 0 if tied else sum(math.prod(s) for k, s in shapes.items()
+                                   if k.endswith(("embed_tokens.weight", "wte.weight")))
+    return total, total - embedding
 
 
 def _layer_types(cfg: dict) -> list[str]:
@@ -174,17 +188,19 @@ def model_info(path: Path) -> ModelInfo:
     if not vocab:
         raise ExportError(f"{path}/config.json has no vocab_size; add the embedding's row count as vocab_size")
     reason = _rewind_problem(cfg)
+    parameters, step_parameters = _count_parameters(path, cfg)
     return ModelInfo(
         path=str(path),
         architecture=(cfg.get("architectures") or ["?"])[0],
         model_type=cfg.get("model_type", "?"),
-        parameters=_count_parameters(path, cfg),
+        parameters=parameters,
         num_layers=cfg.get("num_hidden_layers") or cfg.get("n_layer") or cfg.get("num_layers") or 0,
         hidden_size=cfg.get("hidden_size") or cfg.get("n_embd") or cfg.get("d_model") or 0,
         vocab_size=vocab,
         rewindable=not reason,
         rewind_reason=reason,
         windows=layer_windows(cfg),
+        step_parameters=step_parameters,
     )
 
 
@@ -279,8 +295,9 @@ def _family_problems(t: ModelInfo, d: ModelInfo) -> tuple[list[str], list[str]]:
             f"share a draft safely; pick a draft of the target's family ({t.model_type})"], []
 
 
-def check_pair(target: Path, draft: Path) -> Verdict:
-    """The verdict for drafting `target` with `draft`. Raises ExportError only for unreadable folders."""
+def check_pair(target: Path, draft: Path, target_precision: str = "fp32", draft_precision: str = "int4") -> Verdict:
+    """The verdict for drafting `target` with `draft`, exported at these precisions (the CPU defaults: the size rule
+    compares bytes read per step). Raises ExportError only for unreadable folders."""
     t, d = model_info(target), model_info(draft)
     tt, dt = _read_tokenizer(target), _read_tokenizer(draft)
     errors, warnings = _tokenizer_problems(tt, dt)
@@ -305,16 +322,21 @@ def check_pair(target: Path, draft: Path) -> Verdict:
                           f"{m.rewind_reason}; {fix}")
 
     ratio = d.parameters / t.parameters if t.parameters else math.inf
-    sizes = f"draft {d.parameters:,} / target {t.parameters:,} parameters"
-    if d.parameters >= t.parameters:
-        errors.append(f"the draft is not smaller than the target ({sizes}): the draft must be much cheaper than the "
-                      f"target; pick one 10-50x smaller")
-    elif ratio > RATIO_MAX:
-        warnings.append(f"the draft is large ({sizes} = 1/{1 / ratio:.1f}, above 1/10): each draft step costs a big "
-                        f"fraction of a target step (high c), which eats the speedup; 1/10-1/50 is the usual range")
-    elif ratio < RATIO_MIN:
-        warnings.append(f"the draft is small ({sizes} = 1/{1 / ratio:.0f}, below 1/50): it will often disagree with "
-                        f"the target (low acceptance); 1/10-1/50 is the usual range")
+    t_bytes, d_bytes = (m.step_parameters * BYTES_PER_WEIGHT[p] for m, p in ((t, target_precision),
+                                                                             (d, draft_precision)))
+    byte_ratio = d_bytes / t_bytes if t_bytes else math.inf
+    sizes = (f"draft {d_bytes / 1e6:.3g} MB ({draft_precision}) / target {t_bytes / 1e6:.3g} MB ({target_precision}) "
+             f"of weights read per step")
+    if d_bytes >= t_bytes:
+        errors.append(f"the draft is not cheaper than the target ({sizes}): each draft step would cost a target "
+                      f"step; quantize the draft (--draft-precision int4) or pick one 10-50x smaller")
+    elif byte_ratio > RATIO_MAX:
+        warnings.append(f"the draft is large ({sizes} = 1/{1 / byte_ratio:.1f}, above 1/10): each draft step costs a "
+                        f"big fraction of a target step (high c), which eats the speedup; 1/10-1/50 is the usual "
+                        f"range")
+    elif byte_ratio < RATIO_MIN:
+        warnings.append(f"the draft is small ({sizes} = 1/{1 / byte_ratio:.0f}, below 1/50): it will often disagree "
+                        f"with the target (low acceptance); 1/10-1/50 is the usual range")
     if d.parameters < TINY_DRAFT:
         warnings.append(f"the draft has only {d.parameters:,} parameters: fine for tests, too small for real traffic")
     if d.num_layers > DEEP_DRAFT:
@@ -322,7 +344,8 @@ def check_pair(target: Path, draft: Path) -> Verdict:
                         f"per-step latency")
 
     return Verdict(compatible=not errors, errors=tuple(errors), warnings=tuple(warnings), target=t, draft=d,
-                   tokenizer_vocab_size=n_tok, vocab_size_difference=diff, size_ratio=ratio)
+                   tokenizer_vocab_size=n_tok, vocab_size_difference=diff, size_ratio=ratio,
+                   step_bytes_ratio=byte_ratio, precisions=(target_precision, draft_precision))
 
 
 def require_compatible(v: Verdict) -> None:

@@ -48,7 +48,7 @@ def variant(src: Path, dst: Path, **edits: dict) -> Path:
 
 
 def test_compatible_pair(m):
-    v = check_pair(m["target"], m["draft"])
+    v = check_pair(m["target"], m["draft"], draft_precision="fp32")  # same precision: the byte ratio is the params'
     assert v.compatible and v.errors == ()
     require_compatible(v)
     assert v.tokenizer_vocab_size == 512 and v.vocab_size_difference == 0
@@ -207,9 +207,21 @@ def test_different_generation_is_a_warning(m):
 
 
 def test_draft_larger_than_target(m):
-    v = check_pair(m["draft"], m["target"])
+    v = check_pair(m["draft"], m["target"], draft_precision="fp32")
     [err] = v.errors
-    assert err.startswith("the draft is not smaller than the target") and "10-50x smaller" in err
+    assert err.startswith("the draft is not cheaper than the target") and "10-50x smaller" in err
+    assert "of weights read per step" in err and "--draft-precision int4" in err
+
+
+def test_self_speculation_with_a_quantized_copy(m):
+    # The target's own weights at int4 read 6.4x fewer bytes per step than at fp32: allowed, with the high-c warning.
+    v = check_pair(m["target"], m["target"])
+    assert v.compatible and v.size_ratio == 1 and v.step_bytes_ratio == pytest.approx(0.625 / 4)
+    assert any("above 1/10" in w and "(int4) / target" in w for w in v.warnings)
+    assert not check_pair(m["target"], m["target"], draft_precision="fp32").compatible
+    # An untied input embedding is a row lookup, not read per step; a tied one is the head and is.
+    info = model_info(m["target"])
+    assert info.parameters - info.step_parameters == 512 * 64
 
 
 def test_deep_draft_warning(m, tmp_path):

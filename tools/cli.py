@@ -36,24 +36,34 @@ def main():
 @main.command()
 @click.option("--target", type=click.Path(path_type=Path), required=True, help="Target checkpoint folder (HF).")
 @click.option("--draft", type=click.Path(path_type=Path), required=True, help="Draft checkpoint folder (HF).")
+@click.option("--target-precision", type=click.Choice(["fp32", "fp16", "int8", "int4"]), default="fp32",
+              show_default=True, help="Precision the target will be exported in (the size rule compares bytes).")
+@click.option("--draft-precision", type=click.Choice(["int4", "int8", "fp16", "fp32", "fp8"]), default="int4",
+              show_default=True, help="Precision the draft will be exported in.")
 @click.option("--json", "as_json", is_flag=True, help="Print the verdict as JSON.")
-def check(target, draft, as_json):
+def check(target, draft, target_precision, draft_precision, as_json):
     """Is DRAFT a usable draft for TARGET? Exits 1 when the pair is incompatible.
 
+    The draft is judged by the weight bytes it reads per step at its precision, so the target's own checkpoint
+    is a valid draft at int4 (self-speculation).
+
     \b
-    Example:
+    Examples:
       spec-export check --target ./llama-1b --draft ./llama-60m --json
+      spec-export check --target ./gemma-3-270m --draft ./gemma-3-270m --draft-precision int4
     """
     from ..export.check import check_pair
 
-    v = check_pair(target, draft)
+    v = check_pair(target, draft, target_precision, draft_precision)
     if as_json:
         click.echo(json.dumps(v.to_dict(), indent=2))
     else:
         for role, info in (("target", v.target), ("draft", v.draft)):
             click.echo(f"{role:6}  {info.architecture}  {info.parameters / 1e6:.2f}M params  {info.num_layers} layers"
                        f"  vocab {info.vocab_size}  rewindable: {'yes' if info.rewindable else 'NO'}")
-        click.echo(f"size ratio draft/target: 1/{1 / v.size_ratio:.1f}" if v.size_ratio else "")
+        click.echo(f"size ratio draft/target: 1/{1 / v.size_ratio:.1f} in parameters, "
+                   f"1/{1 / v.step_bytes_ratio:.1f} in bytes read per step ({v.precisions[1]} draft, "
+                   f"{v.precisions[0]} target)" if v.size_ratio and v.step_bytes_ratio else "")
         for w in v.warnings:
             click.secho(f"warning: {w}", fg="yellow")
         for e in v.errors:
