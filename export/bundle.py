@@ -27,6 +27,8 @@ class ExportOptions:
     max_length: int = 2048
     force: bool = False
     k: int = 4                            # default draft length recorded in the manifest
+    draft_vocab: int = 0                  # keep the N most frequent tokens in the draft's LM head (0: all)
+    draft_vocab_corpus: Path | None = None  # text that counts them (a file or folder); default: Python's stdlib
 
 
 def export_bundle(o: ExportOptions, progress=None) -> Manifest:
@@ -94,19 +96,31 @@ def _build(o: ExportOptions, tp: str, dp: str, verdict, tmp: Path, say) -> Manif
         shutil.copy(Path(o.target) / f, tmp / f)
     tok = Tokenizer.from_file(str(tmp / "tokenizer.json"))
     prompts = [tok.encode(p).ids[: o.max_length] for p in parity.PROMPTS]
+    windows = [w for info in (verdict.target, verdict.draft) for w in info.windows if 0 < w < o.max_length]
+    if windows:  # one prompt past the widest window, so parity covers the positions where the mask matters
+        prompts.append(parity.long_prompt(tok, min(o.max_length, max(windows) + 32)))
+    head_rows = None
+    if o.draft_vocab:
+        from .draft_vocab import choose_tokens, corpus_files
+
+        say(0, 6, f"choosing the draft's {o.draft_vocab} most frequent tokens")
+        specials = [fp["bos_token_id"], fp["pad_token_id"], *fp["eos_token_ids"]]
+        head_rows = choose_tokens(tmp / "tokenizer.json", o.draft_vocab, verdict.draft.vocab_size,
+                                  corpus_files(o.draft_vocab_corpus), tuple(i for i in specials if i is not None))
     log = tmp / "export.log"
     specs, records, timings = {}, {}, {}
     for step, (role, src, precision, info) in enumerate(
             [("target", o.target, tp, verdict.target), ("draft", o.draft, dp, verdict.draft)]):
         t0 = time.perf_counter()
         say(1 + 2 * step, 6, f"building the {role} graph ({precision}, {o.device})")
-        facts = build_graph(Path(src), tmp / role, precision, o.device, log, prompts)
+        rows = head_rows if role == "draft" else None
+        facts = build_graph(Path(src), tmp / role, precision, o.device, log, prompts, rows)
         spec = ModelSpec(role=role, architecture=info.architecture, model_type=info.model_type,
                          parameters=info.parameters, precision=precision, provider=o.device,
                          graph=f"{role}/model.onnx", max_length=o.max_length, rewindable=info.rewindable, **facts)
         say(2 + 2 * step, 6, f"validating the {role} graph against PyTorch")
         try:
-            rec = parity.check_graph(spec, tmp, prompts, parity.hf_logits(Path(src), prompts))
+            rec = parity.check_graph(spec, tmp, prompts, parity.hf_logits(Path(src), prompts), rows)
         except SpecError:
             raise
         except Exception as e:  # onnxruntime or transformers refusing the graph/checkpoint: say which, keep the cause

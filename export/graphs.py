@@ -28,9 +28,10 @@ BUILDER_EP = {"cpu": "cpu", "cuda": "cuda", "rtx": "NvTensorRtRtx"}
 
 
 def build_graph(model_dir: Path, out_dir: Path, precision: str, device: str, log: Path,
-                calibration: list[list[int]] = ()) -> dict:
+                calibration: list[list[int]] = (), head_rows=None) -> dict:
     """Export model_dir into out_dir/model.onnx; return the graph facts for the manifest (without role/params).
-    `calibration`: token id lists for FP8 calibration."""
+    `calibration`: token id lists for FP8 calibration. `head_rows`: target ids to keep in the LM head (a reduced
+    draft vocabulary, see draft_vocab.py); None keeps them all."""
     config = json.loads((model_dir / "config.json").read_text())
     arch = config["architectures"][0]
     windows = layer_windows({**(config.get("text_config") or {}), **config})
@@ -43,6 +44,11 @@ def build_graph(model_dir: Path, out_dir: Path, precision: str, device: str, log
     else:
         raise ExportError(f"{arch} is not supported by onnxruntime-genai's model builder, whose in-place KV graphs "
                           f"--device {device} needs; export it with --device cpu or --device trt")
+    if head_rows is not None:
+        from .draft_vocab import map_sha256, reduce_head
+
+        reduce_head(out_dir / "model.onnx", head_rows)
+        facts = dict(facts, draft_vocab=len(head_rows), vocab_map_sha256=map_sha256(head_rows))
     add_argmax(out_dir / "model.onnx")
     return dict(facts, windows=windows, **_graph_io(out_dir / "model.onnx"))
 
