@@ -21,20 +21,47 @@ PROMPT = ("import os\nimport sys\n\n\nclass Config:\n    def __init__(self, path
 NEW = 40
 
 
-def table_row(m) -> list[str]:
+def table_row(m, reduced_vocab: bool) -> list[str]:
     """What docs/families.md says about a family, derived from its exported bundle."""
     t = m.target
     windows = ", ".join(map(str, t.windows)) if any(t.windows) else "-"
     graph = "model builder" if "builder" in t.builder else "torch.onnx"
-    return [t.architecture, graph, {"inplace": "in-place", "concat": "concat"}[t.kv_layout], windows]
+    return [t.architecture, graph, {"inplace": "in-place", "concat": "concat"}[t.kv_layout], windows,
+            "yes" if reduced_vocab else "no"]
+
+
+def reduces_vocab(bundle: Path, m, tmp: Path) -> bool:
+    """--draft-vocab's surgery applies to this family's int4 draft graph: done on a copy, checked by one step."""
+    import dataclasses
+    import shutil
+
+    import numpy as np
+    import onnx
+
+    from specedge.export.draft_vocab import reduce_head
+    from specedge.runtime.model import KVModel, make_session
+
+    shutil.copytree(bundle / "draft", tmp / "draft")
+    g = onnx.load(str(tmp / m.draft.graph))  # drop the argmax the export added: reduce_head adds its own
+    g.graph.node.remove(next(n for n in g.graph.node if n.output[0] == "argmax"))
+    g.graph.output.remove(next(o for o in g.graph.output if o.name == "argmax"))
+    onnx.save(g, str(tmp / m.draft.graph))
+    kept = np.arange(0, m.draft.vocab_size, 7)
+    reduce_head(tmp / m.draft.graph, kept)
+    draft = KVModel(dataclasses.replace(m.draft, draft_vocab=len(kept)), make_session(str(tmp / m.draft.graph)))
+    logits = draft.forward([1, 5, 9]).copy()
+    draft.rewind(0)
+    best = draft.forward([1, 5, 9], want="argmax")
+    return bool(np.isneginf(np.delete(logits, kept, axis=1)).all() and (best == logits.argmax(-1)).all()
+                and np.isin(best, kept).all())
 
 
 def doc_rows() -> dict[str, list[str]]:
     rows = {}
     for line in DOC.read_text().splitlines():
         cells = [c.strip().strip("`") for c in line.strip().strip("|").split("|")]
-        if len(cells) >= 5 and cells[0] in FAMILIES:
-            rows[cells[0]] = cells[1:5]
+        if len(cells) >= 6 and cells[0] in FAMILIES:
+            rows[cells[0]] = cells[1:6]
     return rows
 
 
@@ -55,14 +82,15 @@ def test_the_doc_lists_every_family():
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_family(bundles, checkpoints, family):
+def test_family(bundles, checkpoints, family, tmp_path):
     target, draft = checkpoints(family)
     v = check_pair(target, draft)
     assert v.compatible and v.target.rewindable, v.errors
     m = load_manifest(bundles(family), verify=True)
     assert m.target.windows == v.target.windows and m.draft.windows == v.draft.windows
     assert m.parity["target"]["max_abs_logit_diff"] < 1e-3 and m.parity["target"]["step_top1_agreement"] == 1.0
-    assert table_row(m) == doc_rows()[family], f"docs/families.md's row for {family} is out of date"
+    row = table_row(m, reduces_vocab(bundles(family), m, tmp_path))
+    assert row == doc_rows()[family], f"docs/families.md's row for {family} is out of date"
     engine = Engine(bundles(family))
     ids = engine.encode(PROMPT)
     window = max(m.target.windows)
