@@ -181,6 +181,15 @@ def test_recurrent_state_is_not_rewindable(m, tmp_path):
     assert "sliding_window: null" not in err  # the old advice crashed Gemma 3 and did nothing to its logits
 
 
+def test_large_vocabulary_suggests_a_reduced_draft_vocab(m, tmp_path):
+    # Config only (no weights are read for the vocabulary): a 128k-row head on a 32-wide draft dominates its bytes.
+    big = variant(m["draft"], tmp_path / "big", config={"vocab_size": 128256})
+    v = check_pair(m["target"], big)
+    [w] = [w for w in v.warnings if "--draft-vocab" in w]
+    assert w.startswith("the draft's LM head (128,256 x 32) is") and "--draft-vocab 16384" in w
+    assert not any("--draft-vocab" in w for w in check_pair(m["target"], m["draft"]).warnings)
+
+
 def test_padded_vocab_is_a_warning(m):
     v = check_pair(m["target"], m["padded"])
     assert v.compatible and v.vocab_size_difference == -8 and v.draft.vocab_size == 520
