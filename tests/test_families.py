@@ -101,3 +101,24 @@ def test_family(bundles, checkpoints, family, tmp_path):
     for k in (2, 5):
         assert engine.generate(PROMPT, max_new_tokens=NEW, k=k).token_ids == ref, (family, k)
 
+
+
+def test_builder_is_fed_what_it_reads(checkpoints):
+    """genai_builder's adaptation of transformers-5 configs (the builder itself is exercised by test_family)."""
+    import json
+
+    from transformers import AutoConfig
+
+    from specedge.export.genai_builder import adapt
+
+    for family, types, window in [("mistral-sw", ["sliding_attention"] * 2, 16),
+                                  ("gemma3", ["sliding_attention", "full_attention"], 16),
+                                  ("llama", ["full_attention"] * 2, None)]:
+        path = checkpoints(family)[0]
+        config = AutoConfig.from_pretrained(path)
+        adapt(config, json.loads((path / "config.json").read_text()))
+        assert config.layer_types == types and getattr(config, "sliding_window", None) == window, family
+    # Gemma 3: one flat RoPE (the global layers') plus the local layers' theta, as the builder reads them
+    g3 = AutoConfig.from_pretrained(checkpoints("gemma3")[0])
+    adapt(g3, json.loads((checkpoints("gemma3")[0] / "config.json").read_text()))
+    assert (g3.rope_parameters["rope_type"], g3.rope_theta, g3.rope_local_base_freq) == ("default", 1e6, 1e4)
