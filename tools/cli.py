@@ -59,8 +59,10 @@ def check(target, draft, target_precision, draft_precision, as_json):
         click.echo(json.dumps(v.to_dict(), indent=2))
     else:
         for role, info in (("target", v.target), ("draft", v.draft)):
+            windows = (f"  sliding windows {', '.join(str(w or 'global') for w in info.windows)}"
+                       if any(info.windows) else "")
             click.echo(f"{role:6}  {info.architecture}  {info.parameters / 1e6:.2f}M params  {info.num_layers} layers"
-                       f"  vocab {info.vocab_size}  rewindable: {'yes' if info.rewindable else 'NO'}")
+                       f"  vocab {info.vocab_size}  rewindable: {'yes' if info.rewindable else 'NO'}{windows}")
         click.echo(f"size ratio draft/target: 1/{1 / v.size_ratio:.1f} in parameters, "
                    f"1/{1 / v.step_bytes_ratio:.1f} in bytes read per step ({v.precisions[1]} draft, "
                    f"{v.precisions[0]} target)" if v.size_ratio and v.step_bytes_ratio else "")
