@@ -122,3 +122,10 @@ def test_builder_is_fed_what_it_reads(checkpoints):
     g3 = AutoConfig.from_pretrained(checkpoints("gemma3")[0])
     adapt(g3, json.loads((checkpoints("gemma3")[0] / "config.json").read_text()))
     assert (g3.rope_parameters["rope_type"], g3.rope_theta, g3.rope_local_base_freq) == ("default", 1e6, 1e4)
+    # Per-layer-type RoPE scaling (Gemma 3 4B+) is beyond the adaptation: those go to the torch.onnx exporter.
+    from specedge.export.graphs import builder_problem
+
+    scaled = {"rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                                  "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}
+    assert builder_problem(scaled) and not builder_problem(json.loads((checkpoints("gemma3")[0] /
+                                                                       "config.json").read_text()))
