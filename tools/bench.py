@@ -318,7 +318,20 @@ def tune(bundle: Path, prompts: list[str], max_new_tokens: int = 128, candidates
               "expected_speedup": best["best_speedup"], "alpha": best["alpha"], "c": best["c"]}
     write_defaults(bundle, {"k": best["best_k"], "speculative": pays,
                             "tuned": {k: v for k, v in choice.items() if k != "draft_bundle"}})
-    return {"choice": choice, "reasons": reasons, "evaluated": evaluated}
+    suggestions = [s for s in (draft_vocab_suggestion(load_manifest(bundle)),) if s]
+    return {"choice": choice, "reasons": reasons, "evaluated": evaluated, "suggestions": suggestions}
+
+
+def draft_vocab_suggestion(m) -> str:
+    """A sentence suggesting --draft-vocab when the bundle's draft pays for a large vocabulary's head ('' if not)."""
+    from ..export.check import SUGGESTED_DRAFT_VOCAB
+
+    d = m.draft
+    if d.draft_vocab or d.vocab_size <= 2 * SUGGESTED_DRAFT_VOCAB:
+        return ""
+    return (f"the draft computes all {d.vocab_size:,} logits every step: re-export with --draft-vocab "
+            f"{SUGGESTED_DRAFT_VOCAB} for cheaper draft steps (output unchanged; `spec-export check` estimates the "
+            f"bytes saved)")
 
 
 def write_defaults(bundle: Path, defaults: dict) -> None:

@@ -292,6 +292,8 @@ def tune(bundle, prompt_files, drafts, max_new_tokens):
     else:
         click.secho("speculation does not pay here: " + "; ".join(out["reasons"]) +
                     f". Plain decoding is now {bundle}'s default.", fg="yellow")
+    for s in out["suggestions"]:
+        click.echo(f"suggestion: {s}")
 
 
 @main.command()
