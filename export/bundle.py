@@ -32,6 +32,8 @@ class ExportOptions:
     max_length: int | None = None         # None: DEFAULT_MAX_LENGTH, or less if either model's limit is lower
     force: bool = False
     k: int = 4                            # default draft length recorded in the manifest
+    draft_vocab: int = 0                  # keep the N most frequent tokens in the draft's LM head (0: all)
+    draft_vocab_corpus: Path | None = None  # text that counts them (a file or folder); default: Python's stdlib
 
 
 def export_bundle(o: ExportOptions, progress=None, log=None) -> Manifest:
@@ -50,7 +52,7 @@ def export_bundle(o: ExportOptions, progress=None, log=None) -> Manifest:
     tmp, created = _make_partial(out, log or (lambda text: None))
     try:
         say(0, 6, "checking compatibility")
-        verdict = check_pair(Path(o.target), Path(o.draft))
+        verdict = check_pair(Path(o.target), Path(o.draft), tp, dp)
         require_compatible(verdict)
         o, context_note = _context_length(o, verdict)
         say(0, 6, f"context length {o.max_length}: {context_note}")
@@ -181,6 +183,17 @@ def _build(o: ExportOptions, tp: str, dp: str, verdict, tmp: Path, say, context_
         shutil.copyfile(Path(o.target) / f, tmp / f)  # content only: modes from the umask, like every file here
     tok = Tokenizer.from_file(str(tmp / "tokenizer.json"))
     prompts = [tok.encode(p).ids[: o.max_length] for p in parity.PROMPTS]
+    windows = [w for info in (verdict.target, verdict.draft) for w in info.windows if 0 < w < o.max_length]
+    if windows:  # one prompt past the widest window, so parity covers the positions where the mask matters
+        prompts.append(parity.long_prompt(tok, min(o.max_length, max(windows) + 32)))
+    head_rows = None
+    if o.draft_vocab:
+        from .draft_vocab import choose_tokens, corpus_files
+
+        say(0, 6, f"choosing the draft's {o.draft_vocab} most frequent tokens")
+        specials = [fp["bos_token_id"], fp["pad_token_id"], *fp["eos_token_ids"]]
+        head_rows = choose_tokens(tmp / "tokenizer.json", o.draft_vocab, verdict.draft.vocab_size,
+                                  corpus_files(o.draft_vocab_corpus), tuple(i for i in specials if i is not None))
     log = tmp / "export.log"
     log.write_text(f"context length (max_length) {o.max_length}: {context_note}\n")
     specs, records, timings = {}, {}, {}
@@ -188,13 +201,14 @@ def _build(o: ExportOptions, tp: str, dp: str, verdict, tmp: Path, say, context_
             [("target", o.target, tp, verdict.target), ("draft", o.draft, dp, verdict.draft)]):
         t0 = time.perf_counter()
         say(1 + 2 * step, 6, f"building the {role} graph ({precision}, {o.device})")
-        facts = build_graph(Path(src), tmp / role, precision, o.device, log, prompts)
+        rows = head_rows if role == "draft" else None
+        facts = build_graph(Path(src), tmp / role, precision, o.device, log, prompts, rows)
         spec = ModelSpec(role=role, architecture=info.architecture, model_type=info.model_type,
                          parameters=info.parameters, precision=precision, provider=o.device,
                          graph=f"{role}/model.onnx", max_length=o.max_length, rewindable=info.rewindable, **facts)
         say(2 + 2 * step, 6, f"validating the {role} graph against PyTorch")
         try:
-            rec = parity.check_graph(spec, tmp, prompts, parity.hf_logits(Path(src), prompts))
+            rec = parity.check_graph(spec, tmp, prompts, parity.hf_logits(Path(src), prompts), rows)
         except SpecError:
             raise
         except Exception as e:  # onnxruntime or transformers refusing the graph/checkpoint: say which, keep the cause

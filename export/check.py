@@ -23,6 +23,8 @@ SPECIALS = ("bos", "eos", "pad", "unk")
 RECURRENT = {"mamba", "mamba2", "falcon_mamba", "rwkv", "recurrent_gemma", "jamba", "lfm2", "falcon_h1", "zamba",
              "zamba2", "bamba", "nemotron_h", "granitemoehybrid", "qwen3_next"}
 FULL_ATTENTION = {"full_attention", "attention"}
+# Families whose sliding window is switched by use_sliding_window (and then applies from max_window_layers on).
+QWEN_WINDOWS = {"qwen2", "qwen2_moe", "qwen3", "qwen3_moe"}
 
 # Family decision: exact model_type equality is the same family. Model types in one group below are generations or
 # variants of one family (same tokenizer lineage, same decoder layout: Qwen2 -> Qwen3, Gemma 1 -> 3, Mistral ->
@@ -37,9 +39,15 @@ FAMILY_GROUPS = (
     {"deepseek_v2", "deepseek_v3"},
 )
 
-# Rule of thumb from practice: a draft 10-50x smaller than the target.
+# Rule of thumb from practice: a draft that reads 10-50x fewer bytes per step than the target (decoding is
+# memory-bound, so bytes per step, precision included, set a step's cost; the target's own weights in int4 are a
+# legitimate draft).
 RATIO_MAX, RATIO_MIN = 1 / 10, 1 / 50
+# Bytes per weight as exported: MatMulNBits stores 4 or 8 bits plus one fp32 scale per block of 32 weights.
+BYTES_PER_WEIGHT = {"fp32": 4.0, "fp16": 2.0, "fp8": 1.0, "int8": 1 + 4 / 32, "int4": 0.5 + 4 / 32}
 TINY_DRAFT = 5_000_000
+# A draft whose LM head is more than this share of its bytes per step is told about --draft-vocab.
+HEAD_SHARE, SUGGESTED_DRAFT_VOCAB = 0.3, 16384
 DEEP_DRAFT = 8
 
 
@@ -54,7 +62,8 @@ class ModelInfo:
     vocab_size: int          # config vocab (embedding rows); may exceed the tokenizer's size (padded vocabularies)
     rewindable: bool
     rewind_reason: str       # '' when rewindable
-
+    windows: tuple[int, ...]  # per layer: tokens of sliding-window attention, 0 = global
+    step_parameters: int     # weights one decode step reads: all but an untied input embedding (a row lookup)
 
 @dataclass(frozen=True)
 class Verdict:
@@ -66,6 +75,8 @@ class Verdict:
     tokenizer_vocab_size: int    # the larger of the two tokenizers' sizes (equal when they are the same tokenizer)
     vocab_size_difference: int   # target config vocab - draft config vocab
     size_ratio: float            # draft params / target params
+    step_bytes_ratio: float      # draft / target weight bytes read per step, at the precisions they are exported in
+    precisions: tuple[str, str]  # (target, draft) precisions the byte ratio assumes
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -115,32 +126,64 @@ def _tensor_shapes(path: Path) -> dict[str, list[int]]:
     return shapes
 
 
-def _count_parameters(path: Path, cfg: dict) -> int:
+def _count_parameters(path: Path, cfg: dict) -> tuple[int, int]:
+    """(parameters, weights read per decode step)."""
     shapes = _tensor_shapes(path)
     # Buffers some checkpoints save alongside the weights: RoPE frequencies, GPT-2's causal masks. Not parameters.
     shapes = {k: s for k, s in shapes.items() if not k.endswith(("inv_freq", ".attn.bias", ".attn.masked_bias"))}
-    if cfg.get("tie_word_embeddings"):
+    tied = cfg.get("tie_word_embeddings", cfg.get("model_type") in ("gpt2", "gemma", "gemma2", "gemma3",
+                                                                     "gemma3_text"))
+    if tied:
         shapes.pop("lm_head.weight", None)  # tied: the output head is the embedding matrix, counted once
-    return sum(math.prod(s) for s in shapes.values())
+    total = sum(math.prod(s) for s in shapes.values())
+    # An untied input embedding is a lookup of one row per token; a tied one is also the head, read every step.
+    embedding = 0 if tied else sum(math.prod(s) for k, s in shapes.items()
+                                   if k.endswith(("embed_tokens.weight", "wte.weight")))
+    return total, total - embedding
+
+
+def _layer_types(cfg: dict) -> list[str]:
+    """Each layer's attention type, as transformers derives it when config.json lists none (older checkpoints)."""
+    n = cfg.get("num_hidden_layers") or cfg.get("n_layer") or cfg.get("num_layers") or 0
+    if cfg.get("layer_types") or cfg.get("layers_block_type"):
+        return list(cfg.get("layer_types") or cfg["layers_block_type"])
+    model_type, window = cfg.get("model_type", ""), cfg.get("sliding_window")
+    if window is None:
+        return ["full_attention"] * n
+    if model_type in QWEN_WINDOWS:  # the window is off unless use_sliding_window, and then only past max_window_layers
+        on, first = cfg.get("use_sliding_window", False), cfg.get("max_window_layers", 0)
+        return ["sliding_attention" if on and i >= first else "full_attention" for i in range(n)]
+    if model_type == "gemma2":      # local, global, local, ...
+        return ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
+    if model_type in ("gemma3", "gemma3_text"):  # (pattern - 1) local layers, then one global
+        pattern = cfg.get("sliding_window_pattern") or cfg.get("_sliding_window_pattern") or 6
+        return ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(n)]
+    return ["sliding_attention"] * n  # Mistral, Phi-3, ...: every layer attends within the window
+
+
+def layer_windows(cfg: dict) -> tuple[int, ...]:
+    """Tokens each layer attends back over (0: the whole sequence). A window >= max_position_embeddings never
+    evicts anything and counts as global."""
+    types = _layer_types(cfg)
+    window, max_pos = cfg.get("sliding_window") or 0, cfg.get("max_position_embeddings") or 0
+    if window <= 0 or (max_pos and window >= max_pos):
+        return (0,) * len(types)
+    return tuple(window if t == "sliding_attention" else 0 for t in types)
 
 
 def _rewind_problem(cfg: dict) -> str:
-    """Why the KV cache of this model cannot be cut back to an earlier position ('' if it can)."""
+    """Why the KV cache of this model cannot be cut back to an earlier position ('' if it can).
+
+    A sliding-window layer can: specedge keeps every position in a full-length buffer and the window is only a mask
+    over it (GroupQueryAttention's local_window_size, or transformers' sliding mask in torch.onnx graphs), which a
+    rollback (an integer) does not disturb. What cannot is state that is overwritten in place: recurrent/SSM layers,
+    and ring-buffer caches of window size (which the exporter never writes; see graphs.py)."""
     model_type = cfg.get("model_type", "")
     if model_type in RECURRENT:
         return f"{model_type} has recurrent (state-space) layers whose state is overwritten in place"
-    types = set(cfg.get("layer_types") or cfg.get("layers_block_type") or ())
-    other = sorted(types - FULL_ATTENTION - {"sliding_attention"})
+    other = sorted(set(_layer_types(cfg)) - FULL_ATTENTION - {"sliding_attention"})
     if other:
         return f"layer types {other} keep a recurrent or rolling state, not a full KV cache"
-    window, max_pos = cfg.get("sliding_window"), cfg.get("max_position_embeddings") or 0
-    # Qwen2-style configs carry a window but switch it off with use_sliding_window=false; layer_types, when present,
-    # says which layers use it (none: the window is unused). A window >= max positions never evicts anything.
-    active = (window is not None and cfg.get("use_sliding_window") is not False and window < max_pos
-              and (not types or "sliding_attention" in types))
-    if active:
-        return (f"sliding-window attention (window {window} < max_position_embeddings {max_pos}) keeps only the "
-                f"last {window} positions in a rolling cache")
     return ""
 
 
@@ -151,16 +194,19 @@ def model_info(path: Path) -> ModelInfo:
     if not vocab:
         raise ExportError(f"{path}/config.json has no vocab_size; add the embedding's row count as vocab_size")
     reason = _rewind_problem(cfg)
+    parameters, step_parameters = _count_parameters(path, cfg)
     return ModelInfo(
         path=str(path),
         architecture=(cfg.get("architectures") or ["?"])[0],
         model_type=cfg.get("model_type", "?"),
-        parameters=_count_parameters(path, cfg),
+        parameters=parameters,
         num_layers=cfg.get("num_hidden_layers") or cfg.get("n_layer") or cfg.get("num_layers") or 0,
         hidden_size=cfg.get("hidden_size") or cfg.get("n_embd") or cfg.get("d_model") or 0,
         vocab_size=vocab,
         rewindable=not reason,
         rewind_reason=reason,
+        windows=layer_windows(cfg),
+        step_parameters=step_parameters,
     )
 
 
@@ -261,8 +307,9 @@ def _family_problems(t: ModelInfo, d: ModelInfo) -> tuple[list[str], list[str]]:
             f"share a draft safely; pick a draft of the target's family ({t.model_type})"], []
 
 
-def check_pair(target: Path, draft: Path) -> Verdict:
-    """The verdict for drafting `target` with `draft`. Raises ExportError only for unreadable folders."""
+def check_pair(target: Path, draft: Path, target_precision: str = "fp32", draft_precision: str = "int4") -> Verdict:
+    """The verdict for drafting `target` with `draft`, exported at these precisions (the CPU defaults: the size rule
+    compares bytes read per step). Raises ExportError only for unreadable folders."""
     t, d = model_info(target), model_info(draft)
     tt, dt = _read_tokenizer(target), _read_tokenizer(draft)
     family_errors, family_warnings = _family_problems(t, d)
@@ -282,24 +329,32 @@ def check_pair(target: Path, draft: Path) -> Verdict:
 
     for role, m in (("target", t), ("draft", d)):
         if not m.rewindable:
-            fix = "pick a full-attention model"
-            if "sliding" in m.rewind_reason:
-                fix += (" or, if requests never exceed the window, disable it in config.json (sliding_window: null, "
-                        "or use_sliding_window: false)")
+            fix = "pick a model whose layers are all attention (full or sliding-window)"
             errors.append(f"the {role} ({m.model_type}) cannot be rewound after rejected draft tokens: "
                           f"{m.rewind_reason}; {fix}")
 
     ratio = d.parameters / t.parameters if t.parameters else math.inf
-    sizes = f"draft {d.parameters:,} / target {t.parameters:,} parameters"
-    if d.parameters >= t.parameters:
-        errors.append(f"the draft is not smaller than the target ({sizes}): the draft must be much cheaper than the "
-                      f"target; pick one 10-50x smaller")
-    elif ratio > RATIO_MAX:
-        warnings.append(f"the draft is large ({sizes} = 1/{1 / ratio:.1f}, above 1/10): each draft step costs a big "
-                        f"fraction of a target step (high c), which eats the speedup; 1/10-1/50 is the usual range")
-    elif ratio < RATIO_MIN:
-        warnings.append(f"the draft is small ({sizes} = 1/{1 / ratio:.0f}, below 1/50): it will often disagree with "
-                        f"the target (low acceptance); 1/10-1/50 is the usual range")
+    t_bytes, d_bytes = (m.step_parameters * BYTES_PER_WEIGHT[p] for m, p in ((t, target_precision),
+                                                                             (d, draft_precision)))
+    byte_ratio = d_bytes / t_bytes if t_bytes else math.inf
+    sizes = (f"draft {d_bytes / 1e6:.3g} MB ({draft_precision}) / target {t_bytes / 1e6:.3g} MB ({target_precision}) "
+             f"of weights read per step")
+    if d_bytes >= t_bytes:
+        errors.append(f"the draft is not cheaper than the target ({sizes}): each draft step would cost a target "
+                      f"step; quantize the draft (--draft-precision int4) or pick one 10-50x smaller")
+    elif byte_ratio > RATIO_MAX:
+        warnings.append(f"the draft is large ({sizes} = 1/{1 / byte_ratio:.1f}, above 1/10): each draft step costs a "
+                        f"big fraction of a target step (high c), which eats the speedup; 1/10-1/50 is the usual "
+                        f"range")
+    elif byte_ratio < RATIO_MIN:
+        warnings.append(f"the draft is small ({sizes} = 1/{1 / byte_ratio:.0f}, below 1/50): it will often disagree "
+                        f"with the target (low acceptance); 1/10-1/50 is the usual range")
+    head = d.vocab_size * d.hidden_size  # the draft's LM head, read every step
+    if d.vocab_size > 2 * SUGGESTED_DRAFT_VOCAB and head > HEAD_SHARE * d.step_parameters:
+        reduced = (d.step_parameters - head + SUGGESTED_DRAFT_VOCAB * d.hidden_size) / d.step_parameters
+        warnings.append(f"the draft's LM head ({d.vocab_size:,} x {d.hidden_size}) is {head / d.step_parameters:.0%} "
+                        f"of the weights it reads per step: export with --draft-vocab {SUGGESTED_DRAFT_VOCAB} to "
+                        f"read {reduced:.0%} of them (output unchanged; acceptance drops slightly on rare tokens)")
     if d.parameters < TINY_DRAFT:
         warnings.append(f"the draft has only {d.parameters:,} parameters: fine for tests, too small for real traffic")
     if d.num_layers > DEEP_DRAFT:
@@ -307,7 +362,8 @@ def check_pair(target: Path, draft: Path) -> Verdict:
                         f"per-step latency")
 
     return Verdict(compatible=not errors, errors=tuple(errors), warnings=tuple(warnings), target=t, draft=d,
-                   tokenizer_vocab_size=n_tok, vocab_size_difference=diff, size_ratio=ratio)
+                   tokenizer_vocab_size=n_tok, vocab_size_difference=diff, size_ratio=ratio,
+                   step_bytes_ratio=byte_ratio, precisions=(target_precision, draft_precision))
 
 
 def require_compatible(v: Verdict) -> None:

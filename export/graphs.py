@@ -16,14 +16,15 @@ import numpy as np
 import onnx
 
 from ..runtime.errors import ExportError
-from .check import TOKENIZER_FILES
+from .check import TOKENIZER_FILES, layer_windows
 from .torch_export import PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE
 from ..runtime.manifest import PRECISIONS  # noqa: F401  (re-exported: the exporter's precisions are the manifest's)
 
 # Architectures the builder handles with plain full attention (checked against onnxruntime-genai 0.18).
 BUILDER_ARCHS = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                  "Phi3ForCausalLM", "GemmaForCausalLM", "GraniteForCausalLM", "OlmoForCausalLM",
-                 "SmolLM3ForCausalLM", "NemotronForCausalLM", "PhiForCausalLM"}
+                 "SmolLM3ForCausalLM", "NemotronForCausalLM", "PhiForCausalLM", "Gemma2ForCausalLM",
+                 "Gemma3ForCausalLM"}
 BUILDER_EP = {"cpu": "cpu", "cuda": "cuda", "rtx": "NvTensorRtRtx"}
 
 
@@ -38,27 +39,64 @@ def die_with_parent() -> None:
 
 
 def build_graph(model_dir: Path, out_dir: Path, precision: str, device: str, log: Path,
-                calibration: list[list[int]] = ()) -> dict:
+                calibration: list[list[int]] = (), head_rows=None) -> dict:
     """Export model_dir into out_dir/model.onnx; return the graph facts for the manifest (without role/params).
-    `calibration`: token id lists for FP8 calibration."""
+    `calibration`: token id lists for FP8 calibration. `head_rows`: target ids to keep in the LM head (a reduced
+    draft vocabulary, see draft_vocab.py); None keeps them all."""
     config = json.loads((model_dir / "config.json").read_text())
     arch = config["architectures"][0]
+    windows = layer_windows({**(config.get("text_config") or {}), **config})
     out_dir.mkdir(parents=True, exist_ok=True)
-    if device in BUILDER_EP and arch in BUILDER_ARCHS:
+    if device in BUILDER_EP and arch in BUILDER_ARCHS and not builder_problem(config):
         facts = _builder(model_dir, out_dir, precision, BUILDER_EP[device], log)
+        _check_windows(out_dir / "model.onnx", windows)
     elif device in ("cpu", "trt"):  # native TensorRT reads plain ONNX ops: always the torch.onnx graph
         facts = _fallback(model_dir, out_dir, precision, arch, log, calibration)
     else:
         raise ExportError(f"{arch} is not supported by onnxruntime-genai's model builder, whose in-place KV graphs "
                           f"--device {device} needs; export it with --device cpu or --device trt")
+    if head_rows is not None:
+        from .draft_vocab import map_sha256, reduce_head
+
+        reduce_head(out_dir / "model.onnx", head_rows)
+        facts = dict(facts, draft_vocab=len(head_rows), vocab_map_sha256=map_sha256(head_rows))
     add_argmax(out_dir / "model.onnx")
-    return dict(facts, **_graph_io(out_dir / "model.onnx"))
+    return dict(facts, windows=windows, **_graph_io(out_dir / "model.onnx"))
+
+
+def builder_problem(config: dict) -> str:
+    """Why the model builder would export this checkpoint wrongly ('' if it will not); then torch.onnx does it."""
+    rope = config.get("rope_parameters") or {}
+    if "full_attention" in rope and any(r.get("rope_type", "default") != "default" for r in rope.values()):
+        # Per-layer-type scaled RoPE (Gemma 3 4B+: linear x8 on global layers only): the builder applies one
+        # scaling to the caches of both layer types.
+        return "per-layer-type RoPE scaling"
+    return ""
+
+
+def _check_windows(path: Path, windows: tuple[int, ...]) -> None:
+    """The graph must apply each layer's window as a mask over a full-length buffer: the window transformers uses
+    (a builder that drops it gives other logits past the window) and no ring buffer (which cannot be rewound)."""
+    m = onnx.load(str(path), load_external_data=False)
+    attn = [n for n in m.graph.node if n.op_type == "GroupQueryAttention"]
+    attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in attn]
+    if len(attrs) != len(windows):
+        return  # not one GroupQueryAttention per layer (fp16 CPU graphs): parity is the check there
+    got = tuple(max(0, a.get("local_window_size", -1)) for a in attrs)
+    if got != windows:
+        raise ExportError(f"the model builder applied sliding windows {got} but the checkpoint's layers use "
+                          f"{windows} (0 = global); report it, and export with --device cpu meanwhile")
+    if any(a.get("sliding_window_cache") for a in attrs):
+        raise ExportError("the model builder wrote window-sized ring-buffer KV caches, which cannot be rewound; "
+                          "this onnxruntime-genai ignored windowed_kv_cache=false: use version 0.18")
 
 
 def _builder(model_dir: Path, out_dir: Path, precision: str, device: str, log: Path) -> dict:
     cache = out_dir.parent / f".cache-{out_dir.name}"
-    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir), "-o", str(out_dir),
-           "-p", precision, "-e", device, "-c", str(cache)]
+    # Through genai_builder, which adapts the configs the builder misreads (windows, Gemma 3's RoPE). Full-length
+    # KV buffers for sliding-window layers too: the window is then a mask, and rewinding stays an integer.
+    cmd = [sys.executable, "-m", "specedge.export.genai_builder", "-i", str(model_dir), "-o", str(out_dir),
+           "-p", precision, "-e", device, "-c", str(cache), "--extra_options", "windowed_kv_cache=false"]
     # The builder prints a lot and its --help crashes; run it apart and keep its log for the error message.
     with open(log, "a") as f:
         f.write("$ " + " ".join(cmd) + "\n")
@@ -109,15 +147,75 @@ def _fallback(model_dir: Path, out_dir: Path, precision: str, arch: str, log: Pa
 
 def quantize_matmul_nbits(path: Path, bits: int) -> None:
     """Weight-only block quantization (MatMulNBits): step-consistent, unlike quantize_dynamic's per-tensor
-    activation scales, which make a multi-token step disagree with one-by-one decoding."""
+    activation scales, which make a multi-token step disagree with one-by-one decoding. Every weight MatMul is
+    quantized, a tied LM head included (see _untie_transposed_weights)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     model = onnx.load(str(path))
+    _untie_transposed_weights(model)
     q = MatMulNBitsQuantizer(model, bits=bits, block_size=32, is_symmetric=True)
     q.process()
     for f in path.parent.glob(path.name + "*"):
         f.unlink()
     onnx.save(q.model.model, str(path), save_as_external_data=True, location=path.name + ".data")
+
+
+def _untie_transposed_weights(model: onnx.ModelProto) -> int:
+    """Give each MatMul fed by Transpose(initializer) its own transposed initializer; return how many.
+
+    torch.onnx writes a tied LM head as MatMul(h, Transpose(embedding)). The quantizer only takes MatMuls whose
+    weight is an initializer, so the head (a 262k x 640 matrix in Gemma 3, most of a small model's bytes per step)
+    stayed fp32 in int4 drafts. The embedding's Gather keeps the fp32 table (it reads one row per token); the head
+    gets an int4 copy: the file grows by an eighth of the head, each step reads an eighth of it."""
+    from onnx import numpy_helper
+
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    users: dict[str, int] = {}
+    for n in g.node:
+        for i in n.input:
+            users[i] = users.get(i, 0) + 1
+    done = 0
+    for n in g.node:
+        if n.op_type != "MatMul" or len(n.input) < 2:
+            continue
+        t = producer.get(n.input[1])
+        if t is None or t.op_type != "Transpose" or t.input[0] not in inits:
+            continue
+        w = numpy_helper.to_array(inits[t.input[0]])
+        perm = next((list(a.ints) for a in t.attribute if a.name == "perm"), None)
+        if w.ndim != 2 or perm not in (None, [1, 0]):
+            continue
+        name = f"{t.input[0]}.T"
+        g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.T), name))
+        n.input[1] = name
+        users[t.output[0]] -= 1
+        if users[t.output[0]] == 0:
+            g.node.remove(t)
+        done += 1
+    return done
+
+
+def weight_bytes_per_step(path: Path) -> int:
+    """Bytes of weights one decode step reads: every constant a MatMul/MatMulNBits/Gemm multiplies by (through a
+    Transpose too). Embedding tables are left out: a Gather reads one row per token."""
+    from onnx import numpy_helper
+
+    m = onnx.load(str(path))
+    inits = {t.name: t for t in m.graph.initializer}
+    producer = {o: n for n in m.graph.node for o in n.output}
+    total = 0
+    for n in m.graph.node:
+        if n.op_type not in ("MatMul", "MatMulNBits", "Gemm"):
+            continue
+        for name in n.input[1:]:
+            src = producer.get(name)
+            if src is not None and src.op_type == "Transpose":
+                name = src.input[0]
+            if name in inits:
+                total += numpy_helper.to_array(inits[name]).nbytes
+    return total
 
 
 def add_argmax(path: Path) -> None:

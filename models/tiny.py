@@ -8,7 +8,14 @@ from __future__ import annotations
 import sysconfig
 from pathlib import Path
 
-ARCHS = ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma", "gpt2")
+ARCHS = ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma", "gemma2", "gemma3", "gpt2")
+# Small enough that the tests' prompts and generations cross it; real models use 512-4096.
+WINDOW = 16
+# Named variants of an architecture: name -> (arch, tiny_config options).
+VARIANTS = {
+    "mistral-sw": ("mistral", dict(window=WINDOW)),             # Mistral-7B-v0.1: every layer windowed
+    "smollm2": ("llama", dict(tie_word_embeddings=True)),       # SmolLM2: a Llama with a tied head
+}
 
 
 def stdlib_files(limit: int | None = None) -> list[Path]:
@@ -48,8 +55,11 @@ def train_tokenizer(out: Path, vocab_size: int = 512, files: list[Path] | None =
 
 def tiny_config(arch: str, vocab_size: int, *, layers: int = 2, hidden: int = 64, heads: int = 4,
                 kv_heads: int = 2, inter: int = 128, max_pos: int = 256, bos: int = 1, eos: int = 0, pad: int = 2,
-                **overrides):
-    """A transformers config for `arch` with tiny shapes; ids match `train_tokenizer`'s specials."""
+                window: int | None = None, **overrides):
+    """A transformers config for `arch` with tiny shapes; ids match `train_tokenizer`'s specials.
+
+    `window`: sliding-window attention over that many tokens (Mistral: every layer; Gemma 2/3: their own
+    local/global interleave, which they always have, so they default to WINDOW)."""
     import transformers as tf
 
     common = dict(vocab_size=vocab_size, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad,
@@ -59,23 +69,32 @@ def tiny_config(arch: str, vocab_size: int, *, layers: int = 2, hidden: int = 64
                             **common)
     else:
         cls = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config, "qwen3": tf.Qwen3Config,
-               "mistral": tf.MistralConfig, "phi3": tf.Phi3Config, "gemma": tf.GemmaConfig}[arch]
+               "mistral": tf.MistralConfig, "phi3": tf.Phi3Config, "gemma": tf.GemmaConfig,
+               "gemma2": tf.Gemma2Config, "gemma3": tf.Gemma3TextConfig}[arch]
         kw = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                   num_key_value_heads=kv_heads, intermediate_size=inter, max_position_embeddings=max_pos,
                   head_dim=hidden // heads, **common)
         if arch == "mistral":
-            kw["sliding_window"] = None  # a sliding window cannot be rewound; see tests for the refusal
+            kw["sliding_window"] = window  # None: full attention (Mistral v0.2+)
+        if arch in ("gemma2", "gemma3"):
+            # Local layers first, then a global one (Gemma 3 has 5 local : 1 global; two layers keep one of each).
+            # query_pre_attn_scalar != head_dim, Gemma 2's soft-capping and the tied head make the exporter prove it keeps
+            # them.
+            kw.update(sliding_window=window or WINDOW, tie_word_embeddings=True, query_pre_attn_scalar=2 * (hidden // heads),
+                      layer_types=["sliding_attention"] * (layers - 1) + ["full_attention"])
         if arch == "phi3":
             kw["original_max_position_embeddings"] = max_pos
             kw["pad_token_id"] = pad
         cfg = cls(**kw)
+        if arch == "gemma3":
+            cfg.architectures = ["Gemma3ForCausalLM"]  # text-only, as the 270M/1B checkpoints are
     for k, v in overrides.items():
         setattr(cfg, k, v)
     return cfg
 
 
 def build_tiny(out: Path, arch: str, tokenizer_dir: Path, *, seed: int = 0, **shape) -> Path:
-    """Save a random-initialised causal LM of `arch` plus the tokenizer files into `out`."""
+    """Save a random-initialised causal LM of `arch` (or one of VARIANTS) plus the tokenizer files into `out`."""
     import shutil
 
     import torch
@@ -83,6 +102,8 @@ def build_tiny(out: Path, arch: str, tokenizer_dir: Path, *, seed: int = 0, **sh
 
     from tokenizers import Tokenizer
 
+    arch, variant = VARIANTS.get(arch, (arch, {}))
+    shape = {**variant, **shape}
     vocab_size = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).get_vocab_size()
     cfg = tiny_config(arch, vocab_size=shape.pop("vocab_size", vocab_size), **shape)
     torch.manual_seed(seed)

@@ -45,6 +45,14 @@ class ModelSpec:
     max_length: int           # tokens the KV buffers hold
     kv_dtype: str             # float32 | float16
     rewindable: bool
+    # Optional (older manifests lack it): per layer, the tokens a sliding-window layer attends back over, 0 = global.
+    # Informational: the graph applies the window itself over the full-length buffer, so rewinding is unchanged.
+    windows: tuple[int, ...] = ()
+    # Optional: a reduced draft vocabulary. The LM head keeps `draft_vocab` rows (0: all); the graph maps them back
+    # to target ids itself (argmax is a target id, logits are -inf outside the subset), so the runtime is unchanged.
+    # The hash is of the kept target ids, int64 little-endian, sorted.
+    draft_vocab: int = 0
+    vocab_map_sha256: str = ""
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,19 @@ def test_tune_says_when_speculation_does_not_pay(bundles, prompts, tmp_path):
     assert Engine(b).generate("def f(x):", max_new_tokens=5).stats.drafted == 0
 
 
+def test_tune_suggests_a_reduced_draft_vocab(bundles):
+    import dataclasses
+
+    from specedge.tools.bench import draft_vocab_suggestion
+
+    m = load_manifest(bundles("llama"))
+    assert draft_vocab_suggestion(m) == ""                                    # a 512-token vocabulary
+    big = dataclasses.replace(m, draft=dataclasses.replace(m.draft, vocab_size=128256))
+    assert "re-export with --draft-vocab 16384" in draft_vocab_suggestion(big)
+    done = dataclasses.replace(m, draft=dataclasses.replace(m.draft, vocab_size=128256, draft_vocab=16384))
+    assert draft_vocab_suggestion(done) == ""
+
+
 def test_smoke_budgets(bundles):
     b = str(bundles("llama"))
     ok = CliRunner().invoke(main, ["smoke", b, "--budget-ttft-ms", "100000", "--budget-tpot-ms", "100000",

@@ -53,3 +53,12 @@ def test_generate_errors_are_messages(bundles, tmp_path):
     assert r.exit_code == 2 and "--prompt" in r.output
     r = run("inspect", tmp_path)
     assert r.exit_code == 2 and "not a specedge bundle" in r.output
+
+
+def test_check_self_speculation_and_windows(checkpoints):
+    t = checkpoints("mistral-sw")[0]
+    r = run("check", "--target", t, "--draft", t)                 # the target's own weights, int4 by default
+    assert r.exit_code == 0 and "1/6.4 in bytes read per step (int4 draft, fp32 target)" in r.output
+    assert "sliding windows 16, 16" in r.output
+    r = run("check", "--target", t, "--draft", t, "--draft-precision", "fp32")
+    assert r.exit_code == 1 and "the draft is not cheaper than the target" in r.output

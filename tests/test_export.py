@@ -50,19 +50,19 @@ def test_existing_bundle_needs_force_and_failures_leave_nothing(bundles, checkpo
     assert load_manifest(out).target.max_length == 64
 
 
-def test_refusals(checkpoints, tmp_path, tok_dir):
-    from specedge.models import tiny
-
+def test_refusals(checkpoints, tmp_path):
     target, draft = checkpoints("llama")
     with pytest.raises(InvalidArgument, match="fp8 needs TensorRT .--device trt.; for --device cpu use int4"):
         export_bundle(ExportOptions(target=target, draft=draft, out=tmp_path / "x", draft_precision="fp8"))
     with pytest.raises(InvalidArgument, match="max_position_embeddings"):
         export_bundle(ExportOptions(target=target, draft=draft, out=tmp_path / "x", max_length=100000))
-    sw = tiny.build_tiny(tmp_path / "sw", "mistral", tok_dir, sliding_window=16)
-    swd = tiny.build_tiny(tmp_path / "swd", "mistral", tok_dir, seed=1, layers=1, hidden=32, heads=2, kv_heads=1,
-                          inter=64)
-    with pytest.raises(IncompatibleModels, match="sliding"):
-        export_bundle(ExportOptions(target=sw, draft=swd, out=tmp_path / "x"))
+    # Recurrent state cannot be rewound (sliding windows can: see test_families.py).
+    mamba = tmp_path / "mamba"
+    shutil.copytree(draft, mamba)
+    cfg = json.loads((mamba / "config.json").read_text())
+    (mamba / "config.json").write_text(json.dumps({**cfg, "model_type": "mamba"}))
+    with pytest.raises(IncompatibleModels, match="recurrent"):
+        export_bundle(ExportOptions(target=target, draft=mamba, out=tmp_path / "x"))
     assert not (tmp_path / "x").exists()
 
 

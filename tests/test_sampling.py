@@ -38,8 +38,16 @@ def exact_output_distribution(p: np.ndarray, q: np.ndarray) -> np.ndarray:
     return out
 
 
+def reduced_vocab_probs(v: int):
+    """A draft with a reduced vocabulary: logits -inf outside a subset (as its graph emits them), so p is zero there
+    while q usually is not; the residual must supply the tokens the draft cannot propose."""
+    return st.tuples(st.lists(st.floats(-4.0, 4.0), min_size=v, max_size=v),
+                     st.lists(st.booleans(), min_size=v, max_size=v).filter(any)).map(
+        lambda lk: distribution(np.where(lk[1], lk[0], -np.inf), 1.0))
+
+
 @settings(max_examples=200, deadline=None)
-@given(st.integers(2, 6).flatmap(lambda v: st.tuples(probs(v), probs(v))))
+@given(st.integers(2, 6).flatmap(lambda v: st.tuples(st.one_of(probs(v), reduced_vocab_probs(v)), probs(v))))
 def test_residual_maths_recovers_target(pq):
     p, q = pq
     np.testing.assert_allclose(exact_output_distribution(p, q), q, atol=1e-9)
@@ -63,7 +71,8 @@ def test_branch_taken_matches_rule(pqx, u, w):
 
 
 @settings(max_examples=15, deadline=None)
-@given(st.integers(2, 4).flatmap(lambda v: st.tuples(probs(v), probs(v))), st.integers(0, 2**32 - 1))
+@given(st.integers(2, 4).flatmap(lambda v: st.tuples(st.one_of(probs(v), reduced_vocab_probs(v)), probs(v))),
+       st.integers(0, 2**32 - 1))
 def test_monte_carlo_output_follows_q(pq, seed):
     """End to end with a real generator: draft from p, verify, compare the first output token's law with q."""
     from scipy.stats import chisquare
@@ -105,3 +114,11 @@ def test_distribution_is_a_restricted_softmax(seed, temperature, top_k, top_p):
         need = int(np.searchsorted(np.cumsum(b[order]), top_p - 1e-12) + 1)
         assert (row > 0).sum() == min(need, (b > 0).sum())
         assert row.argmax() == b.argmax()
+
+
+def test_reduced_vocabulary_draft_reaches_tokens_outside_its_subset():
+    """p = 0 on half the vocabulary: those tokens still come out with exactly their q, through the residual."""
+    p = distribution(np.array([1.0, 0.5, -np.inf, -np.inf]), 1.0)
+    q = np.array([0.1, 0.2, 0.3, 0.4])
+    assert p[2] == p[3] == 0
+    np.testing.assert_allclose(exact_output_distribution(p, q), q, atol=1e-12)

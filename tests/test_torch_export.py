@@ -24,7 +24,9 @@ def tok(tmp_path_factory):
     return tiny.train_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama"])
+# Gemma 3 and the windowed Mistral: T = 20 tokens cross their 16-token window (Gemma 3 with per-layer RoPE scaling
+# takes this path; its soft-capping-free text model, embedding scale and tied head must survive the trace).
+@pytest.fixture(scope="module", params=["gpt2", "llama", "gemma3", "mistral-sw"])
 def exported(request, tmp_path_factory, tok):
     """(interface, onnx path, HF logits [T, vocab] of `ids`, ids) for one tiny architecture."""
     from transformers import AutoModelForCausalLM
@@ -107,3 +109,35 @@ def test_kvmodel(exported):
     assert m.pos == T
     k, v = m.kv(0)
     assert k.shape == v.shape == (info["num_kv_heads"], T, info["head_dim"])
+
+
+def test_int4_quantizes_a_tied_head(tmp_path, tok):
+    """A tied LM head is MatMul(h, Transpose(embedding)) in torch.onnx graphs; the int4 draft must quantize it too."""
+    import onnx
+
+    from specedge.export.graphs import quantize_matmul_nbits, weight_bytes_per_step
+
+    path = tmp_path / "onnx" / "model.onnx"
+    info = export_concat(tiny.build_tiny(tmp_path / "hf", "smollm2", tok), path)
+    fp32 = weight_bytes_per_step(path)
+    quantize_matmul_nbits(path, bits=4)
+    g = onnx.load(str(path)).graph
+    consts = {t.name for t in g.initializer} | {n.output[0] for n in g.node if n.op_type == "Transpose"
+                                                and n.input[0] in {t.name for t in g.initializer}}
+    assert not [n.name for n in g.node if n.op_type == "MatMul" and n.input[1] in consts]  # no fp32 weight left
+    assert weight_bytes_per_step(path) < fp32 / 5     # 4 bits + an fp32 scale per 32 weights = 1/6.4 of fp32
+    logits = onnxruntime_logits(path, info)
+    assert logits.shape[-1] == info["vocab_size"] and np.isfinite(logits).all()
+
+
+def onnxruntime_logits(path, info):
+    import onnxruntime as ort
+
+    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    n = 5
+    feeds = {"input_ids": np.arange(3, 3 + n)[None], "attention_mask": np.ones((1, n), np.int64),
+             "position_ids": np.arange(n)[None]}
+    empty = np.zeros((1, info["num_kv_heads"], 0, info["head_dim"]), np.float32)
+    feeds.update({t.format(i=i): empty for i in range(info["num_layers"]) for t in (info["past_key"],
+                                                                                   info["past_value"])})
+    return s.run(["logits"], feeds)[0]

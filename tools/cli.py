@@ -100,24 +100,36 @@ def main():
 @main.command()
 @click.option("--target", type=CHECKPOINT, required=True, help="Target checkpoint folder (HF).")
 @click.option("--draft", type=CHECKPOINT, required=True, help="Draft checkpoint folder (HF).")
+@click.option("--target-precision", type=click.Choice(PRECISIONS[:4]), default="fp32",
+              show_default=True, help="Precision the target will be exported in (the size rule compares bytes).")
+@click.option("--draft-precision", type=click.Choice(PRECISIONS), default="int4",
+              show_default=True, help="Precision the draft will be exported in.")
 @click.option("--json", "as_json", is_flag=True, help="Print the verdict as JSON.")
-def check(target, draft, as_json):
+def check(target, draft, target_precision, draft_precision, as_json):
     """Is DRAFT a usable draft for TARGET? Exits 1 when the pair is incompatible.
 
+    The draft is judged by the weight bytes it reads per step at its precision, so the target's own checkpoint
+    is a valid draft at int4 (self-speculation).
+
     \b
-    Example:
+    Examples:
       spec-export check --target ./llama-1b --draft ./llama-60m --json
+      spec-export check --target ./gemma-3-270m --draft ./gemma-3-270m --draft-precision int4
     """
     from ..export.check import check_pair
 
-    v = check_pair(target, draft)
+    v = check_pair(target, draft, target_precision, draft_precision)
     if as_json:
         click.echo(json.dumps(v.to_dict(), indent=2))
     else:
         for role, info in (("target", v.target), ("draft", v.draft)):
+            windows = (f"  sliding windows {', '.join(str(w or 'global') for w in info.windows)}"
+                       if any(info.windows) else "")
             click.echo(f"{role:6}  {info.architecture}  {info.parameters / 1e6:.2f}M params  {info.num_layers} layers"
-                       f"  vocab {info.vocab_size}  rewindable: {'yes' if info.rewindable else 'NO'}")
-        click.echo(f"size ratio draft/target: 1/{1 / v.size_ratio:.1f}" if v.size_ratio else "")
+                       f"  vocab {info.vocab_size}  rewindable: {'yes' if info.rewindable else 'NO'}{windows}")
+        click.echo(f"size ratio draft/target: 1/{1 / v.size_ratio:.1f} in parameters, "
+                   f"1/{1 / v.step_bytes_ratio:.1f} in bytes read per step ({v.precisions[1]} draft, "
+                   f"{v.precisions[0]} target)" if v.size_ratio and v.step_bytes_ratio else "")
         for w in v.warnings:
             click.secho(f"warning: {w}", fg="yellow")
         for e in v.errors:
@@ -143,19 +155,28 @@ def check(target, draft, as_json):
                    "model's max_position_embeddings is smaller.")
 @click.option("--k", type=K, default=4, show_default=True, help="Default draft length.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle (atomically).")
-def export(target, draft, out, target_precision, draft_precision, device, max_length, k, force):
+@click.option("--draft-vocab", type=click.IntRange(0, None), default=0,
+              help="Keep only the N most frequent tokens in the draft's LM head (cheaper draft steps for 100k+ "
+                   "vocabularies; exactness is unchanged). Default: the full vocabulary.")
+@click.option("--draft-vocab-corpus", type=click.Path(path_type=Path), default=None,
+              help="Text (a file, or a folder read recursively) whose token counts choose --draft-vocab's tokens. "
+                   "Default: Python's standard library sources.")
+def export(target, draft, out, target_precision, draft_precision, device, max_length, k, force, draft_vocab,
+           draft_vocab_corpus):
     """Check, export and validate a pair into one bundle folder.
 
     \b
-    Example:
+    Examples:
       spec-export export --target ./llama-1b --draft ./llama-60m --out ./bundle --max-length 1024
+      spec-export export --target ./gemma-3-270m --draft ./gemma-3-270m --out ./bundle --draft-vocab 16384
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ..export.bundle import ExportOptions, export_bundle
 
     opts = ExportOptions(target=target, draft=draft, out=out, target_precision=target_precision,
-                         draft_precision=draft_precision, device=device, max_length=max_length, force=force, k=k)
+                         draft_precision=draft_precision, device=device, max_length=max_length, force=force, k=k,
+                         draft_vocab=draft_vocab, draft_vocab_corpus=draft_vocab_corpus)
     _exit_on_sigterm()
     note = lambda text: click.echo(text, err=True)  # noqa: E731
     if not sys.stderr.isatty():  # CI logs and pipes: one line per step instead of a live bar
@@ -262,6 +283,10 @@ def describe(m, bundle) -> str:
         lines.append(f"  {s.role:6} {s.architecture} {s.parameters / 1e6:.2f}M {s.precision}/{s.provider} "
                      f"{s.num_layers} layers, kv {s.kv_layout} [{s.num_kv_heads}x{s.max_length}x{s.head_dim}] "
                      f"via {s.builder}")
+        if any(s.windows):
+            lines.append(f"         sliding windows per layer: {', '.join(str(w or 'global') for w in s.windows)}")
+        if s.draft_vocab:
+            lines.append(f"         reduced vocabulary: the LM head keeps {s.draft_vocab} of {s.vocab_size} tokens")
         if PARITY_NUMBERS <= p.keys():
             lines.append(f"         parity vs PyTorch: max|Δlogit| {p['max_abs_logit_diff']:.2e}, top-1 "
                          f"{p['top1_agreement']:.3f}; multi-token step vs one-by-one: max|Δ| "
@@ -445,6 +470,8 @@ def tune(bundle, prompt_files, drafts, max_new_tokens, drafters):
                     f"({bundle} is unchanged).", fg="green")
     if out["distill_hint"]:
         click.secho(f"hint: {out['distill_hint']}", fg="yellow")
+    for s in out["suggestions"]:
+        click.echo(f"suggestion: {s}")
 
 
 @main.command()
