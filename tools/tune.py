@@ -30,7 +30,20 @@ def tune(bundle: Path, prompts: list[str], max_new_tokens: int = 128, candidates
     best = next(e for e in evaluated if e["bundle"] == out["choice"]["draft_bundle"])
     hint = advice(best["alpha"], best["c"], t=best["t"], card=bundle_card(Path(best["bundle"])))
     out["distill_hint"] = hint.reason if hint.distill else None
+    out["suggestions"] = [s for s in (draft_vocab_suggestion(load_manifest(Path(best["bundle"]))),) if s]
     return out
+
+
+def draft_vocab_suggestion(m) -> str:
+    """A sentence suggesting --draft-vocab when the bundle's draft pays for a large vocabulary's head ('' if not)."""
+    from ..export.check import SUGGESTED_DRAFT_VOCAB
+
+    d = m.draft
+    if d is None or d.draft_vocab or d.vocab_size <= 2 * SUGGESTED_DRAFT_VOCAB:
+        return ""
+    return (f"the draft computes all {d.vocab_size:,} logits every step: re-export with --draft-vocab "
+            f"{SUGGESTED_DRAFT_VOCAB} for cheaper draft steps (output unchanged; `spec-export check` estimates the "
+            f"bytes saved)")
 
 
 def measure(bundle: Path, prompts: list[str], max_new_tokens: int, k_range: range, progress=None,
