@@ -73,7 +73,7 @@ def test_tune_says_when_speculation_does_not_pay(bundles, prompts, tmp_path):
 def test_tune_suggests_a_reduced_draft_vocab(bundles):
     import dataclasses
 
-    from specedge.tools.bench import draft_vocab_suggestion
+    from specedge.tools.tune import draft_vocab_suggestion
 
     m = load_manifest(bundles("llama"))
     assert draft_vocab_suggestion(m) == ""                                    # a 512-token vocabulary
