@@ -13,7 +13,7 @@ from pathlib import Path
 from ..runtime.errors import ExportError, InvalidArgument, SpecError
 from ..runtime.manifest import MANIFEST, Manifest, ModelSpec, TokenizerSpec, sha256
 from . import parity
-from .check import check_pair, require_compatible, tokenizer_fingerprint
+from .check import check_pair, check_target, require_compatible, tokenizer_fingerprint
 from .distill import DISTILL_CARD
 from .graphs import PRECISIONS, build_graph
 
@@ -24,7 +24,7 @@ DEFAULT_MAX_LENGTH = 2048
 @dataclass(frozen=True)
 class ExportOptions:
     target: Path
-    draft: Path
+    draft: Path | None                    # None: a target-only bundle, which drafts by prompt lookup
     out: Path
     target_precision: str | None = None   # default: fp32 on cpu/trt, fp16 on cuda/rtx
     draft_precision: str | None = None    # default: int4; fp8 on trt
@@ -52,7 +52,7 @@ def export_bundle(o: ExportOptions, progress=None, log=None) -> Manifest:
     tmp, created = _make_partial(out, log or (lambda text: None))
     try:
         say(0, 6, "checking compatibility")
-        verdict = check_pair(Path(o.target), Path(o.draft), tp, dp)
+        verdict = check_pair(Path(o.target), Path(o.draft), tp, dp) if o.draft else check_target(Path(o.target), tp)
         require_compatible(verdict)
         o, context_note = _context_length(o, verdict)
         say(0, 6, f"context length {o.max_length}: {context_note}")
@@ -132,7 +132,7 @@ def _context_length(o: ExportOptions, verdict) -> tuple[ExportOptions, str]:
     """o with max_length resolved, and how it was chosen. A value the user gave must fit both models (else an
     error); without one, the default shrinks to the smaller model's limit: a default nobody typed is never an error."""
     limits = {role: _max_positions(Path(info.path)) for role, info in (("target", verdict.target),
-                                                                        ("draft", verdict.draft))}
+                                                                        ("draft", verdict.draft)) if info}
     if o.max_length is None:
         known = {role: n for role, n in limits.items() if n}
         n = min([DEFAULT_MAX_LENGTH, *known.values()])
@@ -150,6 +150,9 @@ def _context_length(o: ExportOptions, verdict) -> tuple[ExportOptions, str]:
 
 def _precisions(o: ExportOptions) -> tuple[str, str]:
     """The (target, draft) precisions for o.device, or an InvalidArgument naming the combination and the fix."""
+    if not o.draft and (o.draft_precision or o.draft_vocab):
+        raise InvalidArgument("--draft-precision and --draft-vocab shape a draft model: give one with --draft, or "
+                              "leave them out for a target-only bundle (prompt lookup drafts)")
     if o.device not in ("cpu", "cuda", "rtx", "trt"):
         raise InvalidArgument(f"--device {o.device!r} must be cpu, cuda, rtx (TensorRT-RTX) or trt (native TensorRT)")
     tp = o.target_precision or ("fp16" if o.device in ("cuda", "rtx") else "fp32")
@@ -183,7 +186,7 @@ def _build(o: ExportOptions, tp: str, dp: str, verdict, tmp: Path, say, context_
         shutil.copyfile(Path(o.target) / f, tmp / f)  # content only: modes from the umask, like every file here
     tok = Tokenizer.from_file(str(tmp / "tokenizer.json"))
     prompts = [tok.encode(p).ids[: o.max_length] for p in parity.PROMPTS]
-    windows = [w for info in (verdict.target, verdict.draft) for w in info.windows if 0 < w < o.max_length]
+    windows = [w for info in (verdict.target, verdict.draft) if info for w in info.windows if 0 < w < o.max_length]
     if windows:  # one prompt past the widest window, so parity covers the positions where the mask matters
         prompts.append(parity.long_prompt(tok, min(o.max_length, max(windows) + 32)))
     head_rows = None
@@ -198,7 +201,7 @@ def _build(o: ExportOptions, tp: str, dp: str, verdict, tmp: Path, say, context_
     log.write_text(f"context length (max_length) {o.max_length}: {context_note}\n")
     specs, records, timings = {}, {}, {}
     for step, (role, src, precision, info) in enumerate(
-            [("target", o.target, tp, verdict.target), ("draft", o.draft, dp, verdict.draft)]):
+            [("target", o.target, tp, verdict.target), ("draft", o.draft, dp, verdict.draft)][: 1 + bool(o.draft)]):
         t0 = time.perf_counter()
         say(1 + 2 * step, 6, f"building the {role} graph ({precision}, {o.device})")
         rows = head_rows if role == "draft" else None
@@ -220,13 +223,12 @@ def _build(o: ExportOptions, tp: str, dp: str, verdict, tmp: Path, say, context_
                                   f"try --target-precision fp32, and see {log.name} in the error's context")
         rec["reference"] = "PyTorch fp32 checkpoint" + (" (the unquantized draft)" if role == "draft" else "")
         specs[role], records[role], timings[role] = spec, rec, round(time.perf_counter() - t0, 2)
-    card = Path(o.draft) / DISTILL_CARD
-    if card.is_file():  # a distilled draft's record: tune compares alpha on the user's prompts with the card's
-        shutil.copy(card, tmp / "draft" / DISTILL_CARD)
+    if o.draft and (Path(o.draft) / DISTILL_CARD).is_file():  # a distilled draft's record: tune compares alpha on
+        shutil.copy(Path(o.draft) / DISTILL_CARD, tmp / "draft" / DISTILL_CARD)  # the user's prompts with it
     say(5, 6, "writing the manifest")
     files = {str(p.relative_to(tmp)): sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
     manifest = Manifest(
-        target=specs["target"], draft=specs["draft"],
+        target=specs["target"], draft=specs.get("draft"),
         tokenizer=TokenizerSpec(files=tuple(fp["files"]), vocab_size=fp["vocab_size"],
                                 vocab_sha256=fp["vocab_sha256"], bos_token_id=fp["bos_token_id"],
                                 eos_token_ids=tuple(fp["eos_token_ids"]), pad_token_id=fp["pad_token_id"],

@@ -71,7 +71,7 @@ class Verdict:
     errors: tuple[str, ...]      # each names the problem and what to do
     warnings: tuple[str, ...]
     target: ModelInfo
-    draft: ModelInfo
+    draft: ModelInfo | None      # None: a target-only bundle (prompt lookup drafts)
     tokenizer_vocab_size: int    # the larger of the two tokenizers' sizes (equal when they are the same tokenizer)
     vocab_size_difference: int   # target config vocab - draft config vocab
     size_ratio: float            # draft params / target params
@@ -366,7 +366,19 @@ def check_pair(target: Path, draft: Path, target_precision: str = "fp32", draft_
                    step_bytes_ratio=byte_ratio, precisions=(target_precision, draft_precision))
 
 
+def check_target(target: Path, target_precision: str = "fp32") -> Verdict:
+    """The verdict for a target-only bundle (drafting by prompt lookup): the target must be rewindable."""
+    t = model_info(target)
+    n_tok = _read_tokenizer(target).size
+    errors = [] if t.rewindable else [f"the target ({t.model_type}) cannot be rewound after rejected draft tokens: "
+                                      f"{t.rewind_reason}; pick a model whose layers are all attention"]
+    return Verdict(compatible=not errors, errors=tuple(errors), warnings=(), target=t, draft=None,
+                   tokenizer_vocab_size=n_tok, vocab_size_difference=0, size_ratio=0.0, step_bytes_ratio=0.0,
+                   precisions=(target_precision, ""))
+
+
 def require_compatible(v: Verdict) -> None:
     if not v.compatible:
         lines = "\n".join(f"- {e}" for e in v.errors)
-        raise IncompatibleModels(f"{v.draft.path} cannot draft for {v.target.path}:\n{lines}")
+        who = f"{v.draft.path} cannot draft for {v.target.path}" if v.draft else f"{v.target.path} cannot be used"
+        raise IncompatibleModels(f"{who}:\n{lines}")

@@ -69,7 +69,7 @@ class TokenizerSpec:
 @dataclass(frozen=True)
 class Manifest:
     target: ModelSpec
-    draft: ModelSpec
+    draft: ModelSpec | None                      # None: a target-only bundle (drafting by prompt lookup)
     tokenizer: TokenizerSpec
     files: dict[str, str]                        # relative path -> sha256, every file of the bundle but this one
     compatibility: dict = field(default_factory=dict)
@@ -95,8 +95,10 @@ class Manifest:
         for key in ("target", "draft", "tokenizer"):
             if key not in d:
                 raise BundleError(f"manifest field {key!r} is missing; re-export the bundle")
-        specs = {role: ModelSpec(**_fields(ModelSpec, d[role], role)) for role in ("target", "draft")}
-        m = cls(**specs, tokenizer=TokenizerSpec(**_fields(TokenizerSpec, d["tokenizer"], "tokenizer")), **top)
+        specs = {role: ModelSpec(**_fields(ModelSpec, d[role], role)) for role in ("target", "draft")
+                 if role == "target" or d[role] is not None}
+        m = cls(target=specs["target"], draft=specs.get("draft"),
+                tokenizer=TokenizerSpec(**_fields(TokenizerSpec, d["tokenizer"], "tokenizer")), **top)
         for role, s in specs.items():
             _check(s.role == role, f"{role}.role", f"must be {role!r}, got {s.role!r}")
             _check(s.kv_layout in ("inplace", "concat"), f"{role}.kv_layout",

@@ -285,3 +285,28 @@ def test_adaptive_k_stops_drafting_when_drafts_never_land(llama):
     fixed = llama.generate("import os\n", GenerationConfig(max_new_tokens=60, k=4, drafter="model"))
     assert r.token_ids == fixed.token_ids
     assert fixed.stats.rounds_plain <= 1 and r.stats.rounds_plain > r.stats.rounds // 2, r.stats.k_hist
+
+
+def test_target_only_bundle_drafts_by_lookup(checkpoints, tmp_path):
+    """`export` without --draft: the bundle holds the target alone and still speculates, by prompt lookup."""
+    from click.testing import CliRunner
+
+    from specedge.runtime.errors import InvalidArgument
+    from specedge.tools.cli import main
+
+    target, _ = checkpoints("llama")
+    out = tmp_path / "solo"
+    r = CliRunner().invoke(main, ["export", "--target", str(target), "--out", str(out), "--max-length", "128"])
+    assert r.exit_code == 0, r.output
+    assert "no draft model: drafts by prompt lookup" in CliRunner().invoke(main, ["inspect", str(out)]).output
+    engine = Engine(out)
+    assert engine.draft is None and engine.manifest.draft is None and engine.default_drafter == "lookup"
+    ref = reference.greedy(target_model(engine), engine.encode(REPETITIVE), 32, engine.eos)
+    for drafter, adaptive in (("lookup", False), ("hybrid", False), (None, True)):
+        got = engine.generate(REPETITIVE, GenerationConfig(max_new_tokens=32, k=4, drafter=drafter, adaptive=adaptive))
+        assert got.token_ids == ref, (drafter, adaptive)
+    with pytest.raises(InvalidArgument, match="no draft model"):
+        engine.generator("x", drafter="model")
+    bad = CliRunner().invoke(main, ["export", "--target", str(target), "--out", str(tmp_path / "x"),
+                                    "--draft-vocab", "64"])
+    assert bad.exit_code == 2 and "--draft" in bad.output and not (tmp_path / "x").exists()

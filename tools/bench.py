@@ -183,10 +183,14 @@ def _peer_factories(engine: Engine, ks, baselines, skipped: dict, say):
         skipped[name] = why
         say(f"skipping {name}: {why}")
 
+    if engine.draft is None:  # their speculation needs a draft model; their plain decoding does not
+        for name in {"ort-genai", "hf"} & set(wanted):
+            skip(name, f"{engine.bundle} has no draft model")
+            wanted.remove(name)
     if {"ort-genai", "ort-genai-plain"} & set(wanted):
         m = engine.manifest
-        missing = [r for r in ("target", "draft") if not (engine.bundle / getattr(m, r).graph).with_name(
-            "genai_config.json").is_file()]
+        missing = [r for r in ("target", "draft") if getattr(m, r) and not (engine.bundle / getattr(m, r).graph)
+                   .with_name("genai_config.json").is_file()]
         why = None
         if missing:
             why = (f"{engine.bundle} was exported through {getattr(m, missing[0]).builder}, which writes no "
@@ -206,10 +210,11 @@ def _peer_factories(engine: Engine, ks, baselines, skipped: dict, say):
                     yield f"ort-genai-k{k}", k, lambda k=k: OrtGenAI(engine.bundle, k)
     if {"hf", "hf-plain"} & set(wanted):
         comp = engine.manifest.compatibility
-        target, draft = Path(comp["target"]["path"]), Path(comp["draft"]["path"])
+        sources = [Path(comp[r]["path"]) for r in ("target", "draft") if comp.get(r)]
+        target, draft = sources[0], sources[-1]
         why = None
-        if not (target.is_dir() and draft.is_dir()):
-            why = f"transformers needs the source checkpoints {target} and {draft}, which are gone"
+        if not all(p.is_dir() for p in sources):
+            why = f"transformers needs the source checkpoints {' and '.join(map(str, sources))}, which are gone"
         elif not (_importable("torch") and _importable("transformers")):
             why = "torch and transformers are not installed (pip install 'specedge[export]')"
         for name in ("hf-plain", "hf"):

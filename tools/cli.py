@@ -141,7 +141,9 @@ def check(target, draft, target_precision, draft_precision, as_json):
 
 @main.command()
 @click.option("--target", type=CHECKPOINT, required=True, help="Target checkpoint folder (HF).")
-@click.option("--draft", type=CHECKPOINT, required=True, help="Draft checkpoint folder (HF).")
+@click.option("--draft", type=CHECKPOINT, default=None,
+              help="Draft checkpoint folder (HF). Without one the bundle holds the target only and drafts by prompt "
+                   "lookup.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Bundle folder to write.")
 @click.option("--target-precision", type=click.Choice(PRECISIONS), default=None,
               help="Default: fp32 on cpu/trt, fp16 on cuda/rtx (fp16 is refused on cpu).")
@@ -278,7 +280,9 @@ def inspect(bundle, as_json):
 
 def describe(m, bundle) -> str:
     lines = [f"bundle {bundle} (schema {m.schema_version})"]
-    for s in (m.target, m.draft):
+    if m.draft is None:
+        lines.append("  no draft model: drafts by prompt lookup")
+    for s in filter(None, (m.target, m.draft)):
         p = m.parity.get(s.role, {})
         lines.append(f"  {s.role:6} {s.architecture} {s.parameters / 1e6:.2f}M {s.precision}/{s.provider} "
                      f"{s.num_layers} layers, kv {s.kv_layout} [{s.num_kv_heads}x{s.max_length}x{s.head_dim}] "

@@ -466,7 +466,7 @@ class Server:
                           "precision": s.precision, "provider": s.provider}
         return JSONResponse({"object": "list", "data": [{
             "id": self.model_id, "object": "model", "created": self.created, "owned_by": "specedge",
-            "specedge": {"target": spec(m.target), "draft": spec(m.draft), "defaults": m.defaults,
+            "specedge": {"target": spec(m.target), "draft": spec(m.draft) if m.draft else None, "defaults": m.defaults,
                          "context_length": self.engine.max_length, "fim": self.fim is not None,
                          "chat_template": self.chat is not None, "provider": self.engine.provider}}]})
 
