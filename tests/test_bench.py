@@ -28,7 +28,8 @@ def test_bench_json_contract_and_plot(bundles, prompts, tmp_path):
     assert r.exit_code == 0, r.output
     report = json.loads(out.read_text())
     names = [x["name"] for x in report["results"]]
-    assert names == ["plain", "spec-k1", "spec-k3"]
+    assert names == ["plain", "spec-k1", "spec-k3", "lookup-k1", "lookup-k3", "hybrid-k1", "hybrid-k3",
+                     "adaptive-model", "adaptive-hybrid"]           # the default: every drafter of ours
     for x in report["results"]:
         for key in ("name", "tokens_per_s", "ttft_ms", "alpha", "mean_accepted_length", "speedup_vs_plain"):
             assert key in x

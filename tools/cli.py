@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from ..runtime.config import MAX_K
+from ..runtime.config import DRAFTERS, MAX_K
 from ..runtime.errors import SpecError
 from ..runtime.manifest import PARITY_NUMBERS, PRECISIONS
 from ..runtime.providers import PROVIDERS
@@ -314,12 +314,18 @@ def describe(m, bundle) -> str:
 @click.option("--seed", type=click.IntRange(min=0), default=None)
 @click.option("--stop", multiple=True, callback=_no_empty, help="Stop string (repeatable).")
 @click.option("--no-speculation", is_flag=True, help="Plain decoding with the target only.")
+@click.option("--drafter", type=click.Choice(DRAFTERS), default=None,
+              help="model: the draft model; lookup: prompt lookup (free); hybrid: lookup, else the model. "
+                   "Default: the bundle's (tuned).")
+@click.option("--adaptive/--fixed-k", default=None,
+              help="Choose k per round from running estimates (--k is then the most a round drafts), or always k. "
+                   "Default: the bundle's.")
 @click.option("--stream", is_flag=True, help="Print text as it is generated.")
 @click.option("--provider", type=click.Choice(DEVICES), default=None,
               help="Where to run (default: the device the bundle was exported for).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: text, token_ids, stats.")
 def generate(bundle, prompt, prompt_file, max_new_tokens, k, temperature, top_k, top_p, seed, stop,
-             no_speculation, stream, provider, as_json):
+             no_speculation, drafter, adaptive, stream, provider, as_json):
     """Generate a completion with speculative decoding.
 
     \b
@@ -336,7 +342,8 @@ def generate(bundle, prompt, prompt_file, max_new_tokens, k, temperature, top_k,
         except UnicodeDecodeError as e:
             raise InvalidArgument(f"{prompt_file} is not valid UTF-8 ({e}); convert it to UTF-8 first") from e
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, k=k, temperature=temperature, top_k=top_k, top_p=top_p,
-                           seed=seed, stop=tuple(stop), speculative=False if no_speculation else None)
+                           seed=seed, stop=tuple(stop), speculative=False if no_speculation else None,
+                           drafter=drafter, adaptive=adaptive)
     engine = Engine(bundle, provider)
     room = engine.max_length - len(engine.encode(prompt))
     if 0 < room < max_new_tokens:  # not an error: generation runs to the end of the context (finish: context_full)
@@ -550,6 +557,9 @@ def demo(workdir, max_new_tokens, k):
               help="Where to run (default: the device the bundle was exported for).")
 @click.option("--k", type=K, default=None, help="Draft tokens per round (default: the bundle's).")
 @click.option("--no-speculation", is_flag=True, help="Plain decoding with the target only.")
+@click.option("--drafter", type=click.Choice(DRAFTERS), default=None,
+              help="model, lookup or hybrid (default: the bundle's).")
+@click.option("--adaptive/--fixed-k", default=None, help="k per round from running estimates (default: the bundle's).")
 @click.option("--threads", type=click.IntRange(0, 1024), default=0, show_default=True,
               help="onnxruntime threads for the target (0: its default, one per core).")
 @click.option("--queue-size", type=click.IntRange(1, 4096), default=16, show_default=True,
@@ -561,7 +571,7 @@ def demo(workdir, max_new_tokens, k):
 @click.option("--warmup/--no-warmup", default=True, show_default=True,
               help="Run a short generation at every step size before serving.")
 @click.option("--model-id", default=None, help="The model name /v1/models lists (default: the bundle folder's name).")
-def serve(bundle, host, port, api_key, provider, k, no_speculation, threads, queue_size, latest_wins, max_body_bytes,
+def serve(bundle, host, port, api_key, provider, k, no_speculation, drafter, adaptive, threads, queue_size, latest_wins, max_body_bytes,
           warmup, model_id):
     """An OpenAI-compatible HTTP server (completions, chat, fill-in-the-middle, streaming) for editors and apps.
 
@@ -603,7 +613,7 @@ def serve(bundle, host, port, api_key, provider, k, no_speculation, threads, que
     engine = Engine(bundle, provider, threads)
     opts = ServeOptions(api_key=api_key, queue_size=queue_size, latest_wins=latest_wins,
                         max_body_bytes=max_body_bytes, k=k, speculative=False if no_speculation else None,
-                        model_id=model_id)
+                        drafter=drafter, adaptive=adaptive, model_id=model_id)
     app = make_app(engine, opts, bundle)
     if warmup:
         click.echo("warming up (every step size)...", err=True)

@@ -45,6 +45,8 @@ class ServeOptions:
     max_body_bytes: int = 1 << 20   # larger request bodies get 413
     k: int | None = None            # draft tokens per round; None: the bundle's default
     speculative: bool | None = None  # False: plain decoding; None: the bundle's default
+    drafter: str | None = None      # model | lookup | hybrid; None: the bundle's default
+    adaptive: bool | None = None    # k per round from running estimates; None: the bundle's default
     model_id: str | None = None     # the name /v1/models lists; default: the bundle folder's name
 
 
@@ -409,7 +411,8 @@ class Server:
         _check(all(stop), "stop", "a stop string is empty: every stop string needs at least one character")
         # Past the context the generation ends by itself ("length"): the request is met as far as it can be.
         return GenerationConfig(max_new_tokens=min(max_new or room, room), k=self.opts.k, temperature=t,
-                                top_k=top_k, top_p=top_p, seed=req.seed, stop=stop, speculative=self.opts.speculative)
+                                top_k=top_k, top_p=top_p, seed=req.seed, stop=stop, speculative=self.opts.speculative,
+                                drafter=self.opts.drafter, adaptive=self.opts.adaptive)
 
     def completion_ids(self, req: CompletionRequest) -> list[int]:
         p = req.prompt
