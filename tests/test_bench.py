@@ -240,7 +240,7 @@ def test_tune_writes_the_winning_draft_bundle(bundles, prompts, tmp_path, monkey
     shutil.copytree(bundles("llama"), a)
     shutil.copytree(bundles("llama"), b)
 
-    def measured(bundle, prompts, max_new_tokens, k_range, progress=None):
+    def measured(bundle, prompts, max_new_tokens, k_range, progress=None, drafters=()):
         win = Path(bundle) == b
         return {"bundle": str(bundle), "alpha": 0.8 if win else 0.6, "c": 0.05, "predicted": {3: 1.5},
                 "measured": {3: 1.6 if win else 1.2}, "best_k": 3 if win else 2, "best_speedup": 1.6 if win else 1.2,
