@@ -49,7 +49,7 @@ def main() -> None:
     from specedge.export.draft_vocab import reduce_head
     from specedge.models.tiny import train_tokenizer
     from specedge.runtime.manifest import ModelSpec
-    from specedge.runtime.model import KVModel, make_session
+    from specedge.runtime.kv import open_model
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
@@ -74,7 +74,7 @@ def main() -> None:
                 spec = ModelSpec(role="draft", architecture="LlamaForCausalLM", model_type="llama", parameters=0,
                                  precision=precision, provider="cpu", graph="model.onnx", max_length=a.past + 8,
                                  rewindable=True, **facts, **graphs._graph_io(d / "model.onnx"))
-                m = models[precision, n] = KVModel(spec, make_session(str(d / "model.onnx"), threads=a.threads))
+                m = models[precision, n] = open_model(d, spec, threads=a.threads)
                 m.forward(list(range(3, 3 + a.past)), want=None)
             shutil.rmtree(base)
         times = {key: {"argmax": [], "logits": []} for key in models}

@@ -10,7 +10,7 @@ from specedge.export.draft_vocab import choose_tokens, corpus_files, map_sha256
 from specedge.runtime import Engine
 from specedge.runtime.errors import InvalidArgument
 from specedge.runtime.manifest import load_manifest
-from specedge.runtime.model import KVModel, make_session
+from specedge.runtime.kv import open_model
 
 N = 64
 PROMPT = "import os\nimport sys\n\n\nclass Config:\n    def __init__(self, path):\n        self.path = path\n"
@@ -27,7 +27,7 @@ def test_reduced_head_maps_back_to_target_ids(bundles, arch):
     assert set(m.tokenizer.eos_token_ids) <= set(kept.tolist())                       # the draft can propose EOS
     assert m.parity["draft"]["step_top1_agreement"] == 1.0
 
-    draft = KVModel(m.draft, make_session(str(b / m.draft.graph)))
+    draft = open_model(b, m.draft)
     ids = Engine(b).encode(PROMPT)
     logits = draft.forward(ids).copy()                     # (n, V)
     draft.rewind(0)

@@ -3,7 +3,6 @@ greedily exactly as transformers does, plain and speculative, on prompts and gen
 models' 16-token sliding window where the family has one. docs/families.md's table is checked against the bundles."""
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
@@ -39,7 +38,7 @@ def reduces_vocab(bundle: Path, m, tmp: Path) -> bool:
     import onnx
 
     from specedge.export.draft_vocab import reduce_head
-    from specedge.runtime.model import KVModel, make_session
+    from specedge.runtime.kv import open_model
 
     shutil.copytree(bundle / "draft", tmp / "draft")
     g = onnx.load(str(tmp / m.draft.graph))  # drop the argmax the export added: reduce_head adds its own
@@ -48,7 +47,7 @@ def reduces_vocab(bundle: Path, m, tmp: Path) -> bool:
     onnx.save(g, str(tmp / m.draft.graph))
     kept = np.arange(0, m.draft.vocab_size, 7)
     reduce_head(tmp / m.draft.graph, kept)
-    draft = KVModel(dataclasses.replace(m.draft, draft_vocab=len(kept)), make_session(str(tmp / m.draft.graph)))
+    draft = open_model(tmp, dataclasses.replace(m.draft, draft_vocab=len(kept)))
     logits = draft.forward([1, 5, 9]).copy()
     draft.rewind(0)
     best = draft.forward([1, 5, 9], want="argmax")

@@ -2,7 +2,6 @@
 rollback leaves the cache as a fresh run would, and bad input gets a clear error."""
 from __future__ import annotations
 
-import json
 import threading
 
 import numpy as np
