@@ -32,18 +32,16 @@ class ModelDrafter:
         # prompt on a new request, minus any prefix it shares with the last one) in one step, then k-1 single steps.
         keep = m.reuse(tokens)
         self.base = len(tokens)
-        want = "argmax" if self.temperature == 0 else "logits"                # greedy: ids only, no logits rows
-        out = m.forward(tokens[keep:], want)[-1]                               # an id, or (V,) logits
+        if self.temperature == 0:  # greedy: ids only, chained on the device where the graph allows
+            return m.greedy_chain(tokens[keep:], k), None
+        out = m.forward(tokens[keep:])[-1]                                     # (V,) logits
         draft = np.empty(k, np.int64)                                          # (k,)
-        probs = None if want == "argmax" else np.empty((k, len(out)))          # (k, V)
+        probs = np.empty((k, len(out)))                                        # (k, V)
         for i in range(k):
-            if probs is None:
-                draft[i] = out
-            else:
-                probs[i] = distribution(out, self.temperature, self.top_k, self.top_p)
-                draft[i] = sample(probs[i], self.rng)
+            probs[i] = distribution(out, self.temperature, self.top_k, self.top_p)
+            draft[i] = sample(probs[i], self.rng)
             if i + 1 < k:  # the last draft token is fed next round, and only if the target accepts it
-                out = m.forward(draft[i : i + 1], want)[0]
+                out = m.forward(draft[i : i + 1])[0]
         return draft, probs
 
     def accepted(self, n):

@@ -100,6 +100,15 @@ class KVModel:
     def _run(self, ids: np.ndarray, p: int, n: int, want: str | None) -> np.ndarray | None:
         raise NotImplementedError
 
+    def greedy_chain(self, ids, k: int) -> np.ndarray:
+        """Feed `ids`, then draft greedily: the k tokens that follow (k,) int64. The cache ends holding ids and the
+        first k - 1 of them (the last is fed next round, and only if the target keeps it)."""
+        draft = np.empty(k, np.int64)                                          # (k,)
+        draft[0] = self.forward(ids, "argmax")[-1]
+        for i in range(1, k):
+            draft[i] = self.forward(draft[i - 1 : i], "argmax")[0]
+        return draft
+
     def _logits_out(self, logits: np.ndarray, want: str | None) -> np.ndarray | None:
         """logits (1, n, V) → what the caller wants, for graphs without (or paths not reading) the argmax output."""
         if want == "argmax":
@@ -148,6 +157,8 @@ class InplaceKV(KVModel):
         shape = (1, s.num_kv_heads, L, s.head_dim)
         self._kv = [self._wrap(np.zeros(shape, _NP[s.kv_dtype])) for _ in range(2 * s.num_layers)]  # 2*layers x shape
         self._steps: dict[int, _Step] = {}
+        self._ring: list[tuple[ort.OrtValue, np.ndarray]] = []   # draft chaining (greedy_chain), built on first use
+        self._links: list[tuple[ort.IOBinding, ort.RunOptions | None]] | None = None
 
     def _wrap(self, a: np.ndarray) -> ort.OrtValue:
         """The device buffer for host array `a`: the same memory on the CPU, a copy on the GPU."""
@@ -187,19 +198,74 @@ class InplaceKV(KVModel):
     def _run(self, ids, p, n, want):
         st = self._step(n)
         st.ids[0] = ids[0]
-        m = self._mask
-        m[0, p : p + n] = 1
-        m[0, p + n : self._ones] = 0     # rows past a rewind
-        self._ones = p + n
         if self.device != "cpu":          # host -> device: n ids and the mask, nothing else
             st.ids_ov.update_inplace(st.ids)
-            self._mask_ov.update_inplace(m)
+        self._mask_for(p, n)
         self.session.run_with_iobinding(st.binding, st.run_options)
         if want == "argmax" and st.argmax_ov is not None:
             return (st.argmax if self.device == "cpu" else st.argmax_ov.numpy())[0]
         if want is None:
             return None
         return self._logits_out(st.logits if self.device == "cpu" else st.logits_ov.numpy(), want)
+
+    def _mask_for(self, p: int, n: int) -> None:
+        """Ones for the positions < p + n, zeros after (rows past a rewind); on a GPU the mask then goes to the
+        device."""
+        m = self._mask
+        m[0, p : p + n] = 1
+        m[0, p + n : self._ones] = 0
+        self._ones = p + n
+        if self.device != "cpu":
+            self._mask_ov.update_inplace(m)
+
+    def greedy_chain(self, ids, k):
+        """Draft steps chained on the device: step i's in-graph argmax is bound as step i+1's input ids, so no token
+        goes to the host and back between steps; the k - 1 ids are read once, after the chain."""
+        if not self._has_argmax or k == 1:
+            return super().greedy_chain(ids, k)
+        draft = np.empty(k, np.int64)                                          # (k,)
+        draft[0] = self.forward(ids, "argmax")[-1]
+        ring, links = self._chain()
+        ring[0][1][0, 0] = draft[0]
+        if self.device != "cpu":
+            ring[0][0].update_inplace(ring[0][1])
+        p = self._pos
+        for i in range(k - 1):
+            self._mask_for(p + i, 1)
+            t = time.perf_counter()
+            self.session.run_with_iobinding(*links[i])
+            self.run_s += time.perf_counter() - t
+            self._move(p + i + 1)
+        for i in range(1, k):
+            draft[i] = (ring[i][1] if self.device == "cpu" else ring[i][0].numpy())[0, 0]
+        self.seen[p:] = draft[: k - 1].tolist()
+        return draft
+
+    def _chain(self):
+        """BOUND_MAX_N + 1 one-token id buffers R and one binding per link i: ids R[i] in, argmax R[i+1] out (the
+        rest as a one-token step binds it). Built once."""
+        if self._links is None:
+            s, one = self.spec, self._step(1)
+            host = [np.zeros((1, 1), np.int64) for _ in range(BOUND_MAX_N + 1)]  # (1, 1) each
+            self._ring = [(self._wrap(h), h) for h in host]
+            self._links = []
+            for i in range(BOUND_MAX_N):
+                b = self.session.io_binding()
+                b.bind_ortvalue_input("input_ids", self._ring[i][0])
+                b.bind_ortvalue_input("attention_mask", self._mask_ov)
+                for layer in range(s.num_layers):
+                    for j, (past, present) in enumerate([(s.past_key, s.present_key),
+                                                         (s.past_value, s.present_value)]):
+                        b.bind_ortvalue_input(past.format(i=layer), self._kv[2 * layer + j])
+                        b.bind_ortvalue_output(present.format(i=layer), self._kv[2 * layer + j])
+                b.bind_ortvalue_output("logits", one.logits_ov)
+                b.bind_ortvalue_output("argmax", self._ring[i + 1][0])
+                options = None
+                if self.cuda_graph:  # each link has its own addresses, so its own captured graph
+                    options = ort.RunOptions()
+                    options.add_run_config_entry("gpu_graph_id", str(BOUND_MAX_N + 1 + i))
+                self._links.append((b, options))
+        return self._ring, self._links
 
     def _layer(self, layer):
         return self._kv[2 * layer].numpy(), self._kv[2 * layer + 1].numpy()

@@ -277,3 +277,25 @@ def _hf_greedy(model, ids, n, eos):
                              max_new_tokens=n, do_sample=False, eos_token_id=sorted(eos) or None,
                              pad_token_id=0)[0, len(ids):].tolist()
     return out[: next((i for i, t in enumerate(out) if t in eos), len(out))]
+
+
+def test_draft_steps_chained_on_the_device_equal_host_steps(llama):
+    """greedy_chain binds step i's argmax output as step i+1's ids (no host round trip between draft steps): the
+    tokens and the cache it leaves equal the host loop's, one forward at a time."""
+    from specedge.runtime.kv import InplaceKV
+
+    d = llama.draft
+    assert isinstance(d, InplaceKV)
+    host = open_model(llama.bundle, d.spec)
+    ids = llama.encode(PROMPTS[2])
+    buffers = d.buffers()
+    for k in (2, 5, 9):
+        d.reset()
+        host.reset()
+        chained = d.greedy_chain(ids, k)
+        looped = KVModel.greedy_chain(host, ids, k)     # the base class: one host round trip per step
+        assert chained.tolist() == looped.tolist() and d.pos == host.pos == len(ids) + k - 1
+        assert d.seen[: d.pos] == host.seen[: host.pos]
+        for a, b in zip(d.kv(0), host.kv(0)):
+            np.testing.assert_array_equal(a, b)
+    assert d.buffers() == buffers
