@@ -160,7 +160,7 @@ def check(target, draft, target_precision, draft_precision, as_json):
 @click.option("--draft-vocab", type=click.IntRange(0, None), default=0,
               help="Keep only the N most frequent tokens in the draft's LM head (cheaper draft steps for 100k+ "
                    "vocabularies; exactness is unchanged). Default: the full vocabulary.")
-@click.option("--draft-vocab-corpus", type=click.Path(path_type=Path), default=None,
+@click.option("--draft-vocab-corpus", type=click.Path(exists=True, path_type=Path), default=None,
               help="Text (a file, or a folder read recursively) whose token counts choose --draft-vocab's tokens. "
                    "Default: Python's standard library sources.")
 def export(target, draft, out, target_precision, draft_precision, device, max_length, k, force, draft_vocab,
@@ -194,28 +194,28 @@ def export(target, draft, out, target_precision, draft_precision, device, max_le
 
 
 @main.command()
-@click.option("--target", type=click.Path(path_type=Path), required=True, help="Target checkpoint folder (HF).")
+@click.option("--target", type=CHECKPOINT, required=True, help="Target checkpoint folder (HF).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Draft folder to write (HF).")
-@click.option("--draft", type=click.Path(path_type=Path), help="Continue training this same-tokenizer draft.")
+@click.option("--draft", type=CHECKPOINT, help="Continue training this same-tokenizer draft.")
 @click.option("--from-target", "from_target", metavar="LAYERS",
               help="Carve the draft out of the target: its first LAYERS layers (2) or these layers (0,5,11).")
-@click.option("--corpus", type=click.Path(path_type=Path), multiple=True, required=True,
+@click.option("--corpus", type=click.Path(exists=True, path_type=Path), multiple=True, required=True,
               help="Your text: files, folders (recursive) or JSONL with a 'text' field. Repeatable.")
 @click.option("--glob", "globs", multiple=True, help="Only files in corpus folders matching this ('*.py'). Repeatable.")
-@click.option("--minutes", type=float, help="Training-time budget [default: 10 when --tokens is not given].")
-@click.option("--tokens", type=int, help="Training-token budget (batch x seq-len per step).")
+@click.option("--minutes", type=POSITIVE, help="Training-time budget [default: 10 when --tokens is not given].")
+@click.option("--tokens", type=TOKENS, help="Training-token budget (batch x seq-len per step).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the interrupted run that wrote --out's checkpoint.")
 @click.option("--force", is_flag=True, help="Replace an existing --out (atomically) or start over from a checkpoint.")
-@click.option("--kl-weight", type=float, default=0.5, show_default=True,
+@click.option("--kl-weight", type=FiniteFloat(0, 1), default=0.5, show_default=True,
               help="Loss = (1 - W) cross-entropy + W KL(target || draft).")
-@click.option("--seq-len", type=int, default=256, show_default=True)
-@click.option("--batch", type=int, default=16, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True, help="Peak learning rate (warmup, cosine).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--checkpoint-minutes", type=float, default=5.0, show_default=True,
+@click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--lr", type=POSITIVE, default=1e-3, show_default=True, help="Peak learning rate (warmup, cosine).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--checkpoint-minutes", type=FiniteFloat(min=0), default=5.0, show_default=True,
               help="Checkpoint (and held-out alpha) interval; a crash loses at most this much. 0 = every step.")
-@click.option("--pause-after", type=int, help="Stop after N steps of this invocation, keeping the checkpoint for "
+@click.option("--pause-after", type=click.IntRange(min=1), help="Stop after N steps of this invocation, keeping the checkpoint for "
                                               "--resume (split a long run across sessions).")
 def distill(target, out, draft, from_target, corpus, globs, minutes, tokens, device, resume, force, kl_weight,
             seq_len, batch, lr, seed, checkpoint_minutes, pause_after):
@@ -493,9 +493,9 @@ def tune(bundle, prompt_files, drafts, max_new_tokens, drafters):
 @click.option("--max-new-tokens", type=TOKENS, default=32, show_default=True)
 @click.option("--provider", type=click.Choice(DEVICES), default=None,
               help="Where to run (default: the device the bundle was exported for).")
-@click.option("--junit", "junit_out", type=click.Path(path_type=Path),
+@click.option("--junit", "junit_out", type=click.Path(path_type=Path), callback=_output_file,
               help="Write JUnit XML here: one test case per budget (a budget not given is a skipped case).")
-@click.option("--json", "json_out", type=click.Path(path_type=Path),
+@click.option("--json", "json_out", type=click.Path(path_type=Path), callback=_output_file,
               help="Write the measurements and verdicts as JSON here.")
 def smoke(bundle, budget_ttft_ms, budget_tpot_ms, min_speedup, max_new_tokens, provider, junit_out, json_out):
     """Short deterministic latency check for device CI (RTX, Jetson): exit 1 when a budget is missed.

@@ -28,7 +28,7 @@ def tune(bundle: Path, prompts: list[str], max_new_tokens: int = 128, candidates
     out = choose(Path(bundle), evaluated)
     write_choice(out["choice"])
     best = next(e for e in evaluated if e["bundle"] == out["choice"]["draft_bundle"])
-    hint = advice(best["alpha"], best["c"], t=best["t"], card=bundle_card(Path(best["bundle"])))
+    hint = advice(best["alpha"], best["c"], t=best.get("t"), card=bundle_card(Path(best["bundle"])))
     out["distill_hint"] = hint.reason if hint.distill else None
     out["suggestions"] = [s for s in (draft_vocab_suggestion(load_manifest(Path(best["bundle"]))),) if s]
     return out
