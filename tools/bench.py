@@ -134,7 +134,8 @@ def run_bench(bundle: Path, prompts: list[str], max_new_tokens: int = 128, ks: t
         "outputs_identical": {name: [r.token_ids for r in rs] == [r.token_ids for r in runs["plain"]]
                               for name, rs in runs.items()} if greedy else None,
         "partings": partings,
-        "acceptance_by_position": {r["name"]: _by_position(r["accept_hist"]) for r in results if len(r["accept_hist"]) > 1},
+        "acceptance_by_position": {r["name"]: _by_position(r["accept_hist"]) for r in results
+                                   if len(r["accept_hist"]) > 1},
     }
 
 
