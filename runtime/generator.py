@@ -124,9 +124,9 @@ class Generator:
         c, target = self.config, self.engine.target
         t0 = time.perf_counter()
         # 0. how many to draft: k, or what the policy expects to pay best now (0 = a plain step)
-        source = self.drafter.source(self.tokens) if isinstance(self.drafter, HybridDrafter) else self.drafter_name
-        if self.policy and k:
-            k = self.policy.choose(source, k)
+        if self.policy:
+            source = self.drafter.source(self.tokens) if isinstance(self.drafter, HybridDrafter) else self.drafter_name
+            k = self.policy.choose(source, k) if k else 0
         # 1. draft k tokens (and the draft distribution p they came from, when sampling); k = 0 is a plain step
         draft, p = self.drafter.propose(self.tokens, k) if k else (NO_DRAFT, None)     # (k,), (k, V) | None
         k = len(draft)                                                               # a drafter may propose fewer
