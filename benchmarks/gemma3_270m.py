@@ -44,7 +44,14 @@ def step_hf(cache: Path, gguf: Path) -> Path:
 
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    model.save_pretrained(out)
+    # The GGUF loader marks the model quantized (not serializable) although the weights are
+    # already dequantized to float32: copy them into a plain model built from the same config.
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
+    plain.save_pretrained(out)
     tok.save_pretrained(out)
     print(f"hf: {out}")
     return out
