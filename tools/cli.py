@@ -1,6 +1,7 @@
 """`spec-export`: the command line. The only place where SpecError becomes a message and an exit code."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -600,15 +601,10 @@ def _prepare_real(spec, cache: Path, note):
 
 def _demo_run(configs, max_new_tokens, heldout, note):
     """The single prompt (text + table + loop note), then the held-out table."""
-    from rich.console import Console
-    from rich.progress import Progress
-
     from . import demo as d
 
-    with Progress(transient=True, console=Console(stderr=True)) as bar:
-        task = bar.add_task("generating", total=None)
-        rows, texts = d.measure(configs, [d.PROMPT], max_new_tokens,
-                                progress=lambda text: bar.update(task, description=text))
+    with _spinner("generating") as show:
+        rows, texts = d.measure(configs, [d.PROMPT], max_new_tokens, progress=show)
     click.secho(d.PROMPT, nl=False, bold=True)
     click.echo(texts[0])
     click.echo(f"\nthis prompt ({max_new_tokens} new tokens, greedy):")
@@ -618,14 +614,27 @@ def _demo_run(configs, max_new_tokens, heldout, note):
         click.secho(warning, fg="yellow")
     if heldout:
         prompts = d.heldout_prompts(heldout)
-        with Progress(transient=True, console=Console(stderr=True)) as bar:
-            task = bar.add_task("held-out", total=None)
+        with _spinner("held-out") as show:
             rows, _ = d.measure(configs, [p for _, p in prompts], d.HELDOUT_TOKENS,
-                                progress=lambda text: bar.update(task, description=f"held-out {text}"))
+                                progress=lambda text: show(f"held-out {text}"))
         packages = ", ".join(dict.fromkeys(src.split()[0] for src, _ in prompts))
-        click.echo(f"\nheld-out: {len(prompts)} completion prompts cut from third-party code ({packages}), "
-                   f"{d.HELDOUT_TOKENS} new tokens each, totals:")
+        click.echo(f"\nheld-out: {len(prompts)} completion prompt{'s' * (len(prompts) > 1)} cut from third-party "
+                   f"code ({packages}), {d.HELDOUT_TOKENS} new tokens each, totals:")
         click.echo(d.table(rows))
+
+
+@contextlib.contextmanager
+def _spinner(text: str):
+    """A transient status line on a terminal (yields a function that updates it); nothing in logs and pipes."""
+    if not sys.stderr.isatty():
+        yield lambda text: None
+        return
+    from rich.console import Console
+    from rich.progress import Progress
+
+    with Progress(transient=True, console=Console(stderr=True)) as bar:
+        task = bar.add_task(text, total=None)
+        yield lambda text: bar.update(task, description=text)
 
 
 @main.command()

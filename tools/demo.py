@@ -189,7 +189,8 @@ def table(rows: list[Row]) -> str:
             continue
         same = ("identical" if r.identical == r.prompts else
                 f"DIFFERENT on {r.prompts - r.identical} of {r.prompts} (a bug: please report it)")
-        lines.append(f"  {r.label:{width}}  {r.tokens_per_s:7.1f}  {r.tokens_per_s / plain:7.2f}x  {r.alpha:5.2f}  "
+        alpha = f"{r.alpha:5.2f}" if r.tested else f"{'-':>5}"   # nothing drafted (lookup found no match)
+        lines.append(f"  {r.label:{width}}  {r.tokens_per_s:7.1f}  {r.tokens_per_s / plain:7.2f}x  {alpha}  "
                      f"{r.tau:5.2f}  {same}")
     return "\n".join(lines)
 
