@@ -157,10 +157,10 @@ def prepare(model: RealModel, cache: Path, source: Path | None = None, step=None
     announces a step that runs; progress(i, n, text) reports an export's sub-steps."""
     from ..runtime.manifest import load_manifest
 
+    src = source_key(model, source)   # first: a missing extra is an error before anything is written
     cache = Path(cache)
     cache.mkdir(parents=True, exist_ok=True)
     steps = _Steps(step)
-    src = source_key(model, source)
     wanted = {"self-draft": (cache / bundle_name(model.draft_vocab), None)}
     if carved and (cache / "carved" / "config.json").is_file():
         wanted["carved"] = (cache / bundle_name(model.draft_vocab, "carved"), cache / "carved")
