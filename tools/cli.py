@@ -562,8 +562,9 @@ def demo(model, workdir, max_new_tokens, k, heldout):
         heldout = 0 if heldout is None else heldout
     _demo_run(configs, max_new_tokens, heldout, note)
     if model is not None and "carved" not in prepared.bundles:
-        note(f"no carved draft in {prepared.bundles['self-draft'].parent / 'carved'}; to make one (about an hour on "
-             f"2 cores): {r.CARVE_HELP.format(cache=prepared.bundles['self-draft'].parent)}")
+        cache = prepared.bundles["self-draft"].parent
+        note(f"no carved draft in {cache / 'carved'}; to compare one too, make it there (it trains for --minutes):\n"
+             f"  {r.CARVE_HELP.format(cache=cache)}")
 
 
 def _prepare_real(spec, cache: Path, note):
