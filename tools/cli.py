@@ -580,19 +580,20 @@ def _prepare_real(spec, cache: Path, note):
     else:
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
                       console=Console(stderr=True)) as bar:
-            tasks = []
+            tasks = []   # (task id, step name): one bar per step that runs
 
             def step(name, text):
                 if tasks:
-                    bar.update(tasks[-1], completed=1, total=1)
-                tasks.append(bar.add_task(f"{name}: {text}", total=None))
+                    bar.update(tasks[-1][0], completed=1, total=1)
+                tasks.append((bar.add_task(f"{name}: {text}", total=None), name))
 
             def progress(i, n, text):
-                bar.update(tasks[-1], completed=i, total=n, description=f"export: {text}")
+                task, name = tasks[-1]
+                bar.update(task, completed=i, total=n, description=f"{name}: {text}")
 
             p = r.prepare(spec, cache, step=step, progress=progress)
             if tasks:
-                bar.update(tasks[-1], completed=1, total=1)
+                bar.update(tasks[-1][0], completed=1, total=1)
     for name in p.built:
         note(f"{name}: built in {p.seconds[name]:.0f} s")
     if not p.built:
