@@ -598,6 +598,7 @@ def _prepare_real(spec, cache: Path, note):
         note(f"{name}: built in {p.seconds[name]:.0f} s")
     if not p.built:
         note(f"cached in {cache} (rebuilt only when stale)")
+    note(f"{spec.name} ({spec.package}): {spec.license}")
     return p
 
 

@@ -23,6 +23,7 @@ import json
 import time
 from dataclasses import dataclass
 from importlib import import_module
+from importlib.util import find_spec
 from pathlib import Path
 
 from ..runtime.errors import InvalidArgument, SpecError
@@ -35,7 +36,7 @@ class RealModel:
     package: str                   # the registry package that installs the weights
     module: str                    # its import name
     folder: str                    # the cache folder under cache_root()
-    license: str
+    license: str                   # printed on every run: the weights are not under this project's license
     draft_vocab: int = 16384       # the self-draft's (and a carved draft's) head rows
     max_length: int | None = None  # the bundle's context; None: the exporter's default
 
@@ -61,14 +62,16 @@ def default_cache(model: RealModel) -> Path:
     return cache_root() / model.folder
 
 
+def _installed(name: str) -> bool:
+    try:
+        return find_spec(name) is not None   # without importing it: torch alone takes seconds
+    except (ImportError, ValueError):
+        return False
+
+
 def require_extra(model: RealModel):
     """Import the package that ships the weights, or say how to install it (and what else the steps need)."""
-    missing = []
-    for name in (*EXTRA, model.module):
-        try:
-            import_module(name)
-        except ImportError:
-            missing.append(name)
+    missing = [name for name in (*EXTRA, model.module) if not _installed(name)]
     if missing:
         raise InvalidArgument(f"--model {model.name} needs the gemma extra ({', '.join(missing)} not installed): "
                               f"{FIX}")
