@@ -29,7 +29,7 @@ demo-real: $(VENV)/.gemma-extra
 
 # Re-train the demo pair (models/README.md). Resumable: after Ctrl-C or a crash, run the same command again; every
 # stage and checkpoint lives in models/demo/.work until the run completes. Uses a GPU when one is present.
-TRAIN_ARGS ?= --target-minutes 50 --draft-minutes 12
+TRAIN_ARGS ?= --target-minutes 45 --draft-minutes 20
 demo-train: setup
 	$(BIN)/python -m specedge.models.train_demo --out models/demo $(TRAIN_ARGS)
 

@@ -33,6 +33,7 @@ from typing import Callable
 import numpy as np
 
 from ..runtime.errors import ExportError, InvalidArgument
+from ..runtime.stats import predicted_speedup
 from .check import TOKENIZER_FILES, _config, check_pair, require_compatible
 
 KL_WEIGHT = 0.5                 # the demo recipe's mix: +11 points of alpha over cross-entropy alone
@@ -640,22 +641,6 @@ class Advice:
 TYPICAL_GAIN = 0.08   # distilling on the user's domain: +5..10 points of alpha in practice, +11 on the demo pair
 MIN_GAIN = 1.05       # the speedup below which speculation is not worth having (tune's threshold)
 CARD_DROP = 0.05      # alpha on the user's prompts this far below the card's: the traffic is not the corpus
-
-
-def predicted_speedup(alpha: float, k: int, c: float, t: dict[int, float] | None = None) -> float:
-    """tau(alpha, k) * t(1) / (k * c * t(1) + t(k + 1)): the cost model of tools/bench.py. t(n) is the target's step
-    time for n tokens (any unit); without it, t(n) = t(1) (memory-bound)."""
-    tau = k + 1.0 if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
-    t = t or {}
-    t1 = t.get(1, 1.0)
-    if k + 1 in t:
-        tk = t[k + 1]
-    elif len(t) >= 2:  # beyond the measured sizes t(n) grows linearly with the measured slope
-        n_max = max(t)
-        tk = t[n_max] + (t[n_max] - t1) / max(n_max - 1, 1) * (k + 1 - n_max)
-    else:
-        tk = t1
-    return tau * t1 / (k * c * t1 + tk)
 
 
 def advice(alpha: float, c: float, t: dict[int, float] | None = None, card: dict | None = None,

@@ -1,13 +1,15 @@
-"""Train the built-in demo pair: a Llama target and a ~1/18-size Llama draft on the CPython standard library.
+"""Train the built-in demo pair on the CPython standard library: a Llama target, and a draft carved out of it.
 
-    python -m specedge.models.train_demo --out models/demo --target-minutes 50 --draft-minutes 12   (or: make demo-train)
+    python -m specedge.models.train_demo --out models/demo --target-minutes 45 --draft-minutes 20   (make demo-train)
 
-Steps (models/README.md has the card): 1. byte-level BPE tokenizer on the training modules; 2. the target, next-token
-cross-entropy; 3. the draft with `spec-export distill` (export/distill.py: cross-entropy mixed with KL to the
-target), and for comparison a plain draft through the same code with kl_weight 0, for the same number of steps;
-4. alpha of each draft with the target on the held-out modules, k = 1..8 (the runtime's estimator,
-distill.greedy_alpha); 5. both as ordinary Hugging Face folders (config, fp16 safetensors, tokenizer) that
-`spec-export` accepts. Uses a GPU when one is present; seeds are fixed; loss curves go to train_log.json and loss.png.
+Steps (models/README.md has the card): 1. byte-level BPE tokenizer on the training modules, with fill-in-the-middle
+tokens appended; 2. the target, next-token cross-entropy, a FIM_RATE share of its windows in prefix-suffix-middle
+order (or `--init-target DIR`: continue an earlier target, its embedding grown by the FIM rows); 3. the draft:
+`spec-export distill --from-target DRAFT_LAYERS` (export/distill.py: the target's embeddings, first layers, norm and
+head, trained with cross-entropy mixed with KL to the target); 4. alpha on the held-out modules, k = 1..8 (the
+runtime's estimator, distill.greedy_alpha); 5. both as ordinary Hugging Face folders (config, fp16 safetensors,
+tokenizer) that `spec-export` accepts. Uses a GPU when one is present; seeds are fixed; loss curves go to
+train_log.json and loss.png.
 
 Resumable: every stage keeps its result (or a checkpoint, written atomically every few minutes) in OUT/.work, and
 rerunning the same command continues where an interrupted run stopped, with the same data order.
@@ -26,14 +28,16 @@ import numpy as np
 # Held out of tokenizer and model training: the evaluation set for alpha (fixed, documented in models/README.md).
 HELD_OUT = ("argparse.py", "textwrap.py", "shutil.py", "csv.py", "difflib.py", "json/", "email/", "tomllib/",
             "test/test_argparse.py", "test/test_textwrap.py", "test/test_csv.py")
-SHAPES = {  # a target big enough to be memory-bound on a laptop CPU, yet trainable on 2 cores in an hour; a ~1/18 draft
-    "target": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
-                   intermediate_size=1408),
-    "draft": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                  intermediate_size=384),
-}
-VOCAB, SEQ, MAX_POS = 8192, 256, 2048
+# A target big enough to be memory-bound on a laptop CPU, yet trainable on 2 cores in an hour. The draft is carved out
+# of it (its embeddings, first DRAFT_LAYERS layers, norm and head) and distilled: sharing the target's embedding space
+# is what lets a draft keep up with a better-trained target, which a separately trained 1.44M draft could not.
+TARGET_SHAPE = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
+                    intermediate_size=1408)
+DRAFT_LAYERS = 2
+VOCAB, SEQ, MAX_POS = 8192, 256, 2048   # VOCAB: the BPE's size; the FIM tokens come after it (ids 8192..8194)
 SPECIALS = ["<|endoftext|>", "<|bos|>", "<|pad|>"]
+FIM = ["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"]   # a family tools/prompting.py recognises
+FIM_RATE, FIM_MAX_MIDDLE = 0.25, 64   # share of target windows in prefix-suffix-middle order; middle length (tokens)
 
 
 def corpus() -> tuple[list[Path], list[Path]]:
@@ -52,9 +56,8 @@ def _utf8(path: Path) -> bool:
         return False
 
 
-def train_tokenizer(files: list[Path], out: Path):
+def train_tokenizer(files: list[Path], out: Path) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -62,10 +65,31 @@ def train_tokenizer(files: list[Path], out: Path):
     tok.train([str(f) for f in files], trainers.BpeTrainer(
         vocab_size=VOCAB, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok.post_processor = processors.TemplateProcessing(single="<|bos|> $A", special_tokens=[("<|bos|>", 1)])
+    save_tokenizer(tok, out)
+
+
+def save_tokenizer(tok, out: Path) -> None:
+    """Appends the FIM tokens (when missing) after the BPE's ids, so a tokenizer without them keeps every id."""
+    from tokenizers import AddedToken
+    from transformers import PreTrainedTokenizerFast
+
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in FIM])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|endoftext|>",
-                                   pad_token="<|pad|>")
+                                   pad_token="<|pad|>", additional_special_tokens=FIM)
     fast.save_pretrained(out)
-    return tok
+
+
+def to_psm(rows: np.ndarray, fim_ids: list[int], rng) -> np.ndarray:
+    """A FIM_RATE share of the windows [batch, seq + 1] rewritten as <pre> P <suf> S <mid> M <eos>, the order an
+    editor's fill-in-the-middle prompt uses (middle: 1..FIM_MAX_MIDDLE tokens at a random place); same length."""
+    pre, suf, mid = fim_ids
+    out = rows.copy()
+    for r in np.flatnonzero(rng.random(len(rows)) < FIM_RATE):
+        w = rows[r, : rows.shape[1] - 4]                      # room for the 3 FIM tokens and the EOS
+        n = int(rng.integers(1, FIM_MAX_MIDDLE + 1))
+        i = int(rng.integers(0, len(w) - n))
+        out[r] = np.concatenate([[pre], w[:i], [suf], w[i + n:], [mid], w[i : i + n], [0]])
+    return out
 
 
 def encode(tok, files: list[Path]) -> np.ndarray:
@@ -77,18 +101,23 @@ def encode(tok, files: list[Path]) -> np.ndarray:
     return np.array(ids, dtype=np.uint16)
 
 
-def make_model(role: str, seed: int):
+def make_target(vocab: int, seed: int, init: Path | None):
+    """A fresh target, or (--init-target) an earlier one whose embedding grows to the tokenizer's new FIM rows."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, max_position_embeddings=MAX_POS, bos_token_id=1, eos_token_id=0,
-                      pad_token_id=2, tie_word_embeddings=True, rope_theta=10000.0, **SHAPES[role])
+    if init is not None:
+        model = LlamaForCausalLM.from_pretrained(init, dtype=torch.float32)
+        model.resize_token_embeddings(vocab, mean_resizing=True)
+        return model
+    cfg = LlamaConfig(vocab_size=vocab, max_position_embeddings=MAX_POS, bos_token_id=1, eos_token_id=0,
+                      pad_token_id=2, tie_word_embeddings=True, rope_theta=10000.0, **TARGET_SHAPE)
     return LlamaForCausalLM(cfg)
 
 
 def train_target(model, data: np.ndarray, minutes: float, lr: float, batch: int, device, seed: int, ckpt: Path,
-                 checkpoint_minutes: float = 5.0) -> list[dict]:
+                 fim_ids: list[int], checkpoint_minutes: float = 5.0) -> list[dict]:
     """Time-budgeted AdamW (warmup, cosine over the step count estimated from the first 20 steps), resumable from
     `ckpt`: batches are distill.batch_at(seed, step), and the checkpoint keeps weights, optimizer, step, schedule."""
     import torch
@@ -119,7 +148,8 @@ def train_target(model, data: np.ndarray, minutes: float, lr: float, batch: int,
             total = max(21, int(20 * minutes * 60 / spent))
         for g in opt.param_groups:
             g["lr"] = _lr(step, total or 10**9, lr)
-        xy = torch.from_numpy(batch_at(data, seed, step, batch, SEQ).astype(np.int64)).to(device)
+        rows = to_psm(batch_at(data, seed, step, batch, SEQ), fim_ids, np.random.default_rng([seed, step, 1]))
+        xy = torch.from_numpy(rows.astype(np.int64)).to(device)
         logits = model(xy[:, :-1]).logits
         ce = F.cross_entropy(logits.flatten(0, 1).float(), xy[:, 1:].flatten())
         opt.zero_grad(set_to_none=True)
@@ -163,16 +193,17 @@ def save(model, tok_dir: Path, out: Path, dtype: str = "float16") -> None:
 
 
 def distill_draft(work: Path, name: str, files: list[Path], a, **recipe) -> dict:
-    """One draft through `spec-export distill` (resumed when its checkpoint exists); returns its card."""
+    """The draft carved from the target through `spec-export distill --from-target` (resumed when its checkpoint
+    exists); returns its card."""
     from ..export.distill import DistillOptions, distill, work_dir
 
     out = work / name
     if not (out / "distill_card.json").is_file():
         resume = (work_dir(out) / "checkpoint.pt").is_file()
         print(f"{name}: {'resuming' if resume else 'training'} with spec-export distill")
-        distill(DistillOptions(target=work / "target", draft=work / "draft_init", out=out, corpus=tuple(files),
-                               batch=a.batch, seq_len=SEQ, lr=5e-3, seed=a.seed + 1, device=a.device, resume=resume,
-                               **recipe))
+        distill(DistillOptions(target=work / "target", from_target=tuple(range(a.draft_layers)), out=out,
+                               corpus=tuple(files), batch=a.batch, seq_len=SEQ, lr=1e-3, seed=a.seed + 1,
+                               device=a.device, resume=resume, **recipe))
     return json.loads((out / "distill_card.json").read_text())
 
 
@@ -184,9 +215,14 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("models/demo"))
     ap.add_argument("--target-minutes", type=float, default=45)
-    ap.add_argument("--draft-minutes", type=float, default=10)
+    ap.add_argument("--draft-minutes", type=float, default=20)
+    ap.add_argument("--draft-layers", type=int, default=DRAFT_LAYERS, help="target layers carved into the draft")
+    ap.add_argument("--init-target", type=Path, help="continue an earlier target (its tokenizer is kept, FIM tokens "
+                    "appended) instead of training one from scratch")
+    ap.add_argument("--target-lr", type=float, help="peak learning rate (default 3e-3 from scratch, 1e-3 continued)")
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="initialisation and data order (a continued target should "
+                    "take another seed than its first run, to see other windows)")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     a = ap.parse_args(argv)
     device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
@@ -198,48 +234,52 @@ def main(argv=None):
     train_files, held = corpus()
     print(f"corpus: {len(train_files)} training modules, {len(held)} held out; device {device}")
     if not (work / "tokenizer" / "tokenizer.json").is_file():
-        train_tokenizer(train_files, work / "tokenizer")
+        if a.init_target:
+            from tokenizers import Tokenizer
+
+            save_tokenizer(Tokenizer.from_file(str(a.init_target / "tokenizer.json")), work / "tokenizer")
+        else:
+            train_tokenizer(train_files, work / "tokenizer")
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(work / "tokenizer" / "tokenizer.json"))
+    fim_ids = [tok.token_to_id(t) for t in FIM]
     data, held_data = encode(tok, train_files), encode(tok, held)
-    print(f"tokens: {len(data):,} training, {len(held_data):,} held out")
+    print(f"tokens: {len(data):,} training, {len(held_data):,} held out; vocabulary {tok.get_vocab_size()}")
 
     # 1. the target (fp16 folder in .work/target once done; .work/target.ckpt while training)
     target_log = work / "target_log.json"
     if not (work / "target" / "config.json").is_file():
-        target = make_model("target", a.seed)
-        log = train_target(target, data, a.target_minutes, 3e-3, a.batch, device, a.seed, work / "target.ckpt")
+        target = make_target(tok.get_vocab_size(), a.seed, a.init_target)
+        lr = a.target_lr or (1e-3 if a.init_target else 3e-3)
+        log = train_target(target, data, a.target_minutes, lr, a.batch, device, a.seed, work / "target.ckpt", fim_ids)
         target_log.write_text(json.dumps(log))
         save(target, work / "tokenizer", work / "target")
-    # 2. the drafts, through distill: a fresh random draft (fp32 init), distilled for the time budget; the plain one
-    # (cross-entropy only) for the same number of steps: a like-for-like comparison
-    if not (work / "draft_init" / "config.json").is_file():
-        save(make_model("draft", a.seed + 1), work / "tokenizer", work / "draft_init", dtype="float32")
-    cards = {"draft_distilled": distill_draft(work, "draft_distilled", train_files, a, minutes=a.draft_minutes,
-                                              kl_weight=KL_WEIGHT)}
-    cards["draft_plain"] = distill_draft(work, "draft_plain", train_files, a, tokens=cards["draft_distilled"]
-                                         ["tokens_seen"], kl_weight=0.0)
+    # 2. the draft: carved out of the target and distilled (cross-entropy mixed with KL to the target)
+    cards = {"draft": distill_draft(work, "draft", train_files, a, minutes=a.draft_minutes, kl_weight=KL_WEIGHT)}
     # 3. evaluation on the held-out modules, with the runtime's alpha estimator
     logs = {"target": json.loads(target_log.read_text()),
-            **{n: [{"step": r["step"], "seconds": r["seconds"], "loss": r["ce"]} for r in
-                   json.loads((work / n / "distill_card.json").read_text())["log"]] for n in cards}}
-    models = {n: _load(work / n, torch).to(device).eval() for n in ("target", *cards)}
+            "draft": [{"step": r["step"], "seconds": r["seconds"], "loss": r["ce"]} for r in cards["draft"]["log"]]}
+    models = {n: _load(work / n, torch).to(device).eval() for n in ("target", "draft")}
     windows, prompt = eval_windows(models["target"], held_data.astype(np.int64), device, MAX_POS)
     card = {"device": str(device), "train_tokens": int(len(data)), "held_out_tokens": int(len(held_data)),
-            "held_out_modules": list(HELD_OUT), "vocab_size": VOCAB, "seq_len": SEQ, "batch": a.batch}
+            "held_out_modules": list(HELD_OUT), "vocab_size": tok.get_vocab_size(), "seq_len": SEQ,
+            "batch": a.batch, "fim_rate": FIM_RATE, "init_target": str(a.init_target) if a.init_target else None,
+            "seed": a.seed, "draft_layers": a.draft_layers}
     for name, m in models.items():
+        c = m.config
         card[name] = {"parameters": sum(p.numel() for p in m.parameters()), "steps": len(logs[name]),
                       "final_train_loss": float(np.mean([r["loss"] for r in logs[name][-20:]])),
-                      "held_out_loss": eval_loss(m, held_data, device), **SHAPES[name.split("_")[0]]}
+                      "held_out_loss": eval_loss(m, held_data, device), "hidden_size": c.hidden_size,
+                      "num_hidden_layers": c.num_hidden_layers, "intermediate_size": c.intermediate_size}
         if name != "target":
             g = greedy_alpha(models["target"], m, windows, prompt)
             card[name]["greedy_agreement"] = {"per_token_agreement": g["agreement"], "kl": g["kl"],
                                               **{f"alpha_k{k}": v for k, v in g["alpha"].items()}}
             print(name, json.dumps(card[name]["greedy_agreement"]))
-    for role, src in (("target", "target"), ("draft", "draft_distilled")):
+    for role in ("target", "draft"):
         shutil.rmtree(a.out / role, ignore_errors=True)
-        shutil.copytree(work / src, a.out / role)
+        shutil.copytree(work / role, a.out / role)
     (a.out / "train_log.json").write_text(json.dumps({"card": card, "logs": logs}, indent=1))
     plot(logs, a.out / "loss.png")
     shutil.rmtree(work)

@@ -86,3 +86,24 @@ class Stats:
                  mean_accepted_length=self.mean_accepted_length, tokens_per_s=self.tokens_per_s,
                  tpot_p50_ms=self.percentile(50), tpot_p90_ms=self.percentile(90), tpot_p99_ms=self.percentile(99))
         return d
+
+
+def expected_tau(alpha: float, k: int) -> float:
+    """Expected tokens per target pass with k drafts: (1 - alpha^(k+1)) / (1 - alpha)."""
+    return k + 1.0 if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
+
+
+def predicted_speedup(alpha: float, k: int, c: float, t: dict[int, float] | None = None) -> float:
+    """tau / (t(k+1)/t(1) + k c): the speedup over plain decoding the theory predicts. t(n) is the target's step
+    time for n tokens (any unit); beyond the measured sizes it grows linearly with the measured slope; without it,
+    t(n) = t(1) (memory-bound)."""
+    t = t or {}
+    t1 = t.get(1, 1.0)
+    if k + 1 in t:
+        tk = t[k + 1]
+    elif len(t) >= 2:
+        n_max = max(t)
+        tk = t[n_max] + (t[n_max] - t1) / max(n_max - 1, 1) * (k + 1 - n_max)
+    else:
+        tk = t1
+    return expected_tau(alpha, k) * t1 / (k * c * t1 + tk)

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from specedge.runtime.errors import InvalidArgument, SpecError
 from specedge.runtime.manifest import load_manifest
+from specedge.runtime.stats import expected_tau
 from specedge.tools import bench
 from specedge.tools.cli import main
 
@@ -40,8 +41,8 @@ def test_bench_json_contract_and_plot(bundles, prompts, tmp_path):
 
 
 def test_tau_formula():
-    assert bench.tau(0.0, 4) == 1.0 and bench.tau(1.0, 4) == 5.0
-    assert bench.tau(0.8, 4) == pytest.approx((1 - 0.8**5) / 0.2)
+    assert expected_tau(0.0, 4) == 1.0 and expected_tau(1.0, 4) == 5.0
+    assert expected_tau(0.8, 4) == pytest.approx((1 - 0.8**5) / 0.2)
 
 
 def test_prompt_files(tmp_path):

@@ -24,6 +24,7 @@ import numpy as np
 from ..runtime import Engine, GenerationConfig, Stats
 from ..runtime.errors import InvalidArgument, SpecError
 from ..runtime.kv import KVModel
+from ..runtime.stats import predicted_speedup
 from .exactness import classify
 
 GREEDY = GenerationConfig(temperature=0.0, seed=0)
@@ -62,11 +63,6 @@ def load_prompts(paths: list[Path]) -> list[str]:
     if not prompts or not all(prompts):
         raise InvalidArgument("no prompts (or an empty one) in " + ", ".join(map(str, paths)))
     return prompts
-
-
-def tau(alpha: float, k: int) -> float:
-    """Expected tokens per target pass: (1 - alpha^(k+1)) / (1 - alpha)."""
-    return k + 1.0 if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
 
 
 def step_costs(model: KVModel, sizes: list[int], past: int, repeats: int = 15) -> dict[int, float]:
@@ -322,8 +318,8 @@ def add_speedups(results: list[dict], step_ms: dict) -> None:
         r["speedup_vs_plain"] = r["tokens_per_s"] / plain if plain else None
         if r["name"].startswith("spec-") and r["alpha"] is not None:
             k = r["k"]
-            r["predicted_speedup"] = tau(r["alpha"], k) * t[1] / (k * d[1] + t[k + 1])
-            r["predicted_speedup_simple"] = tau(r["alpha"], k) / (1 + k * d[1] / t[1])
+            r["predicted_speedup"] = predicted_speedup(r["alpha"], k, d[1] / t[1], t)
+            r["predicted_speedup_simple"] = predicted_speedup(r["alpha"], k, d[1] / t[1])
 
 
 def find_partings(engine: Engine, ids: list[list[int]], runs: dict[str, list[Run]], n_prompts: int) -> list[dict]:
@@ -398,7 +394,7 @@ def plot(report: dict, path: Path) -> None:
         alpha = sum(r["accepted"] for r in spec) / max(1, sum(r["tested"] for r in spec))
         t, d = report["step_ms"]["target"], report["step_ms"]["draft"]
         ks = [k for k in range(1, len(t)) if k + 1 in t]
-        ax1.plot(ks, [tau(alpha, k) * t[1] / (k * d[1] + t[k + 1]) for k in ks], "-", color="gray",
+        ax1.plot(ks, [predicted_speedup(alpha, k, d[1] / t[1], t) for k in ks], "-", color="gray",
                  label=f"predicted (α={alpha:.2f}, measured c and t(n))")
     for prefix, marker in (("spec-k", "o"), ("lookup-k", "D"), ("hybrid-k", "P"), ("adaptive-", "*"),
                            ("ort-genai-k", "s"), ("hf-k", "^"), ("hf-lookup-k", "v")):

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from ..export.distill import advice, bundle_card
 from ..runtime.manifest import MANIFEST, load_manifest
-from .bench import run_bench, tau
+from ..runtime.stats import predicted_speedup
+from .bench import run_bench
 
 PAYS = 1.05   # a measured speedup below this is noise or a loss: plain decoding is simpler and as fast
 
@@ -55,8 +56,7 @@ def measure(bundle: Path, prompts: list[str], max_new_tokens: int, k_range: rang
     at4 = {r["name"]: r for r in first["results"]}
     alpha = (at4.get("spec-k4") or at4["lookup-k4"])["alpha"] or 0.0   # a bundle without a draft model: lookup's
     tn, d1 = first["step_ms"]["target"], first["step_ms"]["draft"][1]
-    slope = (tn[5] - tn[1]) / 4  # t(n) beyond the measured k + 1 = 5 grows linearly with the measured slope
-    predicted = {k: tau(alpha, k) * tn[1] / (k * d1 + tn.get(k + 1, tn[1] + slope * k)) for k in k_range}
+    predicted = {k: predicted_speedup(alpha, k, d1 / tn[1], tn) for k in k_range}
     top = sorted(predicted, key=predicted.get, reverse=True)[:3]
     second = run_bench(bundle, prompts, max_new_tokens, ks=tuple(sorted(top)), baselines=("plain", *drafters),
                        progress=progress)
