@@ -75,10 +75,10 @@ def ensure_bundle(workdir: Path, say=print) -> Path:
         say(f"no trained demo pair in {DEMO}: building a tiny random-weight pair in {workdir} (once)...")
         tok = tiny.train_tokenizer(workdir / "tokenizer")
         target = tiny.build_tiny(workdir / "target", "llama", tok, layers=4, hidden=256, heads=8, kv_heads=4,
-                                 inter=768, max_pos=1024)
+                                 inter=768, max_pos=2048)
         draft = tiny.build_tiny(workdir / "draft", "llama", tok, seed=1, layers=1, hidden=64, heads=4, kv_heads=2,
-                                inter=128, max_pos=1024)
-        max_length, fp = 1024, ""
+                                inter=128, max_pos=2048)
+        max_length, fp = 2048, ""   # room for the held-out prompts (~1,100 tiny-tokenizer tokens)
     export_bundle(ExportOptions(target=target, draft=draft, out=bundle, max_length=max_length, force=True),
                   progress=lambda i, n, text: say(f"  [{i}/{n}] {text}"), log=lambda text: say(f"  {text}"))
     workdir.mkdir(parents=True, exist_ok=True)
