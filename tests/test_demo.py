@@ -70,7 +70,7 @@ def test_shipped_heldout_prompts():
     """Six prompts, one per package, all permissively licensed (NOTICE.md), copied from the benchmark workload."""
     rows = [json.loads(line) for line in d.HELDOUT.read_text().splitlines()]
     packages = [row["source"].split()[0] for row in rows]
-    assert len(rows) == 6 and len(set(packages)) == 6
+    assert len(rows) == d.HELDOUT_PROMPTS == 6 and len(set(packages)) == 6
     notice = (d.HELDOUT.parent / "NOTICE.md").read_text()
     assert all(f"| {row['source'].split(':')[0]} |" in notice for row in rows)
     bench = REPO / "benchmarks" / "completion.jsonl"

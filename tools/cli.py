@@ -13,6 +13,7 @@ from ..runtime.config import DRAFTERS, MAX_K
 from ..runtime.errors import SpecError
 from ..runtime.manifest import PARITY_NUMBERS, PRECISIONS
 from ..runtime.providers import PROVIDERS
+from .demo import HELDOUT_PROMPTS
 from .demo_real import MODELS as REAL_MODELS
 
 DEVICES = tuple(PROVIDERS)   # cpu, cuda, rtx, trt: what a bundle is exported for is where it runs
@@ -530,9 +531,9 @@ def smoke(bundle, budget_ttft_ms, budget_tpot_ms, min_speedup, max_new_tokens, p
                    "$SPECEDGE_CACHE/MODEL (~/.cache/specedge/gemma3-270m) for --model.")
 @click.option("--max-new-tokens", type=TOKENS, default=64, show_default=True)
 @click.option("--k", type=K, default=4, show_default=True)
-@click.option("--heldout", type=click.IntRange(0, 6), default=None,
-              help="Held-out prompts (third-party code) to measure too, 0-6. Default: 6 for the built-in pair, 0 for "
-                   "--model (about 30 s each there).")
+@click.option("--heldout", type=click.IntRange(0, HELDOUT_PROMPTS), default=None,
+              help=f"Held-out prompts (third-party code) to measure too, 0-{HELDOUT_PROMPTS}. Default: all for the "
+                   f"built-in pair, 0 for --model (about 30 s each there).")
 def demo(model, workdir, max_new_tokens, k, heldout):
     """Export a pair (once, cached) and autocomplete a code prompt: plain vs speculative, then held-out prompts.
 
@@ -551,7 +552,7 @@ def demo(model, workdir, max_new_tokens, k, heldout):
         engine = Engine(d.ensure_bundle(workdir or Path(".specedge-demo"), say=note))
         configs = [d.Config("plain", engine, {"speculative": False}),
                    d.Config(f"draft model, k {k}", engine, {"drafter": "model", "k": k, "adaptive": False})]
-        heldout = 6 if heldout is None else heldout
+        heldout = d.HELDOUT_PROMPTS if heldout is None else heldout
     else:
         from . import demo_real as r
 

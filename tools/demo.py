@@ -20,7 +20,8 @@ from pathlib import Path
 from ..runtime.errors import SpecError
 
 PROMPT = 'def read_config(path):\n    """Read a JSON config file and return it as a dict."""\n    with open(path) as f:\n'
-HELDOUT = Path(__file__).resolve().parent / "data" / "heldout.jsonl"   # six prompts, package data (see its NOTICE)
+HELDOUT = Path(__file__).resolve().parent / "data" / "heldout.jsonl"   # package data (see its NOTICE.md)
+HELDOUT_PROMPTS = 6      # lines in HELDOUT: one prompt from each of six packages
 HELDOUT_TOKENS = 48      # new tokens per held-out prompt: 6 x 48 x 2 configurations take a few seconds on 2 cores
 WARMUP_TOKENS = 4        # an untimed first generation per configuration: onnxruntime's first run is slow
 
