@@ -19,7 +19,11 @@ from pathlib import Path
 
 from ..runtime.errors import SpecError
 
-PROMPT = 'def read_config(path):\n    """Read a JSON config file and return it as a dict."""\n    with open(path) as f:\n'
+# read_config done, write_config to write. Chosen because neither the first demo pair nor its retrained target
+# (checked 2026-11-25) falls into a loop on it, where the old prompt (read_config alone) made both loop; a real model
+# copies from the function above, which is what prompt lookup is for.
+PROMPT = ('import json\n\n\ndef read_config(path):\n    """Read a JSON config file and return it as a dict."""\n'
+          '    with open(path, encoding="utf-8") as f:\n        return json.load(f)\n\n\ndef write_config(path, config):\n')
 HELDOUT = Path(__file__).resolve().parent / "data" / "heldout.jsonl"   # package data (see its NOTICE.md)
 HELDOUT_PROMPTS = 6      # lines in HELDOUT: one prompt from each of six packages
 HELDOUT_TOKENS = 48      # new tokens per held-out prompt: 6 x 48 x 2 configurations take a few seconds on 2 cores
