@@ -6,9 +6,10 @@ default draft precision) and fp32 by the model builder as `spec-export export` d
 ms of one decode step (n = 1, on `--past` cached tokens), reading the argmax (greedy) and the full-width logits
 (sampling), on one thread as the runtime's draft session runs; configurations interleaved round by round so machine
 noise hits all of them alike. Reported: the minimum over rounds (the step's own cost: on a shared machine other
-processes only ever add to it) and the median.
+processes only ever add to it) and the median. The reduced graphs map their N logits back to the full width with
+GatherElements on every step (the runtime binds the full-width logits even for greedy steps), so that cost is in.
 
-    python benchmarks/draft_vocab.py --out benchmarks/results/draft-vocab-x86_64-2core
+    python benchmarks/draft_vocab.py --out benchmarks/results/draft-vocab-x86_64-2core-run1 --rounds 200
 """
 from __future__ import annotations
 
@@ -88,7 +89,8 @@ def main() -> None:
         stat = lambda f: {p: {str(n): {w: float(f(v)) for w, v in times[p, n].items()} for n in SIZES[p]}  # noqa: E731
                           for p in SIZES}
         ms, median = stat(np.min), stat(np.median)
-        report = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "cpus": os.cpu_count(),
+        report = {"utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                  "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "cpus": os.cpu_count(),
                   "load_average": os.getloadavg(), "threads": a.threads, "vocab": VOCAB, "draft": DRAFT,
                   "past": a.past, "rounds": a.rounds, "ms": ms, "median_ms": median,
                   "speedup_vs_full": {p: {n: {w: ms[p][str(VOCAB)][w] / v for w, v in r.items()}
