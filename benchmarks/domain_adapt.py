@@ -78,6 +78,7 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=10)
     ap.add_argument("--k", default="2,4")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--kl-weight", default="1.0")
     ap.add_argument("--work", type=Path, default=Path("/tmp/specedge-domain-adapt"))
     ap.add_argument("--json", type=Path, required=True)
     a = ap.parse_args()
@@ -95,7 +96,7 @@ def main() -> None:
     adapted = a.work / "draft-adapted"
     t0 = time.time()
     run(SPEC_EXPORT, "distill", "--target", str(DEMO / "target"), "--draft", str(DEMO / "draft"), "--corpus",
-        str(corpus), "--minutes", str(a.minutes), "--out", str(adapted), "--force", "--seed", str(a.seed))
+        str(corpus), "--minutes", str(a.minutes), "--out", str(adapted), "--force", "--seed", str(a.seed), "--kl-weight", a.kl_weight)
     distill_s = time.time() - t0
     card = json.loads((adapted / "distill_card.json").read_text())
     bundles = {"shipped": a.work / "bundle-shipped", "adapted": a.work / "bundle-adapted"}
@@ -108,7 +109,7 @@ def main() -> None:
         print(f"k={k}: alpha shipped {rows['shipped'][k]['alpha']:.3f} -> adapted {rows['adapted'][k]['alpha']:.3f}")
     a.json.parent.mkdir(parents=True, exist_ok=True)
     a.json.write_text(json.dumps({
-        "package": a.package, "version": md.version(a.package), "train_files": len(train), "held_files": len(held),
+        "package": a.package, "kl_weight": float(a.kl_weight), "version": md.version(a.package), "train_files": len(train), "held_files": len(held),
         "prompts": items, "minutes": a.minutes, "distill_wall_s": round(distill_s, 1),
         "tokens_seen": card["tokens_seen"], "train_tokens_per_s": card["tokens_per_s"],
         "distill_card_alpha": {"before": card["before"]["alpha"], "after": card["after"]["alpha"]},

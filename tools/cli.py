@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from ..export.distill import KL_WEIGHT
 from ..runtime.config import DRAFTERS, MAX_K
 from ..runtime.errors import SpecError
 from ..runtime.manifest import PARITY_NUMBERS, PRECISIONS
@@ -210,7 +211,7 @@ def export(target, draft, out, target_precision, draft_precision, device, max_le
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the interrupted run that wrote --out's checkpoint.")
 @click.option("--force", is_flag=True, help="Replace an existing --out (atomically) or start over from a checkpoint.")
-@click.option("--kl-weight", type=FiniteFloat(0, 1), default=0.5, show_default=True,
+@click.option("--kl-weight", type=FiniteFloat(0, 1), default=KL_WEIGHT, show_default=True,
               help="Loss = (1 - W) cross-entropy + W KL(target || draft).")
 @click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True)
 @click.option("--batch", type=click.IntRange(min=1), default=16, show_default=True)
