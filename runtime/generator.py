@@ -91,9 +91,11 @@ class Generator:
             try:
                 if self.t0 is None:
                     self._start()
-                # k shrinks near the end of the context and of the budget: never draft what cannot be kept.
+                # k shrinks near the end of the context and of the budget: never draft what cannot be kept. With a
+                # draft model the first round is a plain step: its prefill of the prompt never delays the first token.
                 left = min(c.max_new_tokens - len(self.response), e.max_length - len(self.tokens))
-                new = self._round(min(self.k, left - 1) if self.speculative else 0)
+                drafts = self.speculative and (self.response or getattr(self.drafter, "model", None) is None)
+                new = self._round(min(self.k, left - 1) if drafts else 0)
             except BaseException as exc:
                 if not isinstance(exc, InvalidArgument):
                     e.forget()               # a step that failed midway leaves the caches in an unknown state

@@ -228,12 +228,12 @@ def test_hybrid_keeps_the_draft_cache_consistent(llama, make):
 
 @pytest.mark.parametrize("make", [lookup_drafter, hybrid_drafter, topup_drafter])
 def test_sampling_follows_target_distribution(llama, make):
-    """As test_runtime's: 2-token generations against the exact target-only distribution, here after a prompt whose
+    """As test_runtime's: 3-token generations against the exact target-only distribution, here after a prompt whose
     tail repeats, so that lookup proposes (one-hot p: accepted with q(x), else resampled from q without x)."""
     from scipy.stats import chisquare
 
     ids = llama.encode("x = 1\nx = 1\nx =")
-    cfg = dict(max_new_tokens=2, temperature=1.5, top_k=3)
+    cfg = dict(max_new_tokens=3, temperature=1.5, top_k=3)
     support = _support(target_model(llama), ids, cfg, llama.eos)
     n = 1500
     llama.make_drafter = lambda name, c, rng: make(llama, c, rng)

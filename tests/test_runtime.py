@@ -101,22 +101,24 @@ def test_rollback_leaves_cache_as_fresh_run(llama):
 
 
 def test_sampling_follows_target_distribution(llama):
-    """Chi-square of 2-token generations against the exact target-only distribution (top-k keeps it enumerable),
+    """Chi-square of 3-token generations against the exact target-only distribution (top-k keeps it enumerable),
     with the bundle's draft (mostly rejections: the residual path) and with the target as its own draft (p == q:
-    every draft accepted, the bonus path)."""
+    every draft accepted, the bonus path). The first token is a plain step; the second round drafts."""
     from scipy.stats import chisquare
 
     ids = llama.encode("x = ")
-    cfg = dict(max_new_tokens=2, temperature=1.5, top_k=3)
+    cfg = dict(max_new_tokens=3, temperature=1.5, top_k=3)
     support = _support(target_model(llama), ids, cfg, llama.eos)
     n = 1500
     for self_draft in (False, True):
         if self_draft:
             llama.make_drafter = lambda name, c, rng: _sampling_self_drafter(llama, c, rng)
         try:
-            seqs = [tuple(llama.generate(ids, GenerationConfig(seed=seed, k=2, **cfg)).token_ids) for seed in range(n)]
+            results = [llama.generate(ids, GenerationConfig(seed=seed, k=2, **cfg)) for seed in range(n)]
         finally:
             llama.__dict__.pop("make_drafter", None)
+        assert sum(r.stats.drafted for r in results) > n // 2, "the second round should draft"
+        seqs = [tuple(r.token_ids) for r in results]
         assert set(seqs) <= set(support), "generated a sequence the target cannot produce"
         observed = np.array([seqs.count(s) for s in support], float)
         expected = np.array(list(support.values())) * n
@@ -127,19 +129,20 @@ def _support(oracle, ids, cfg, eos) -> dict[tuple, float]:
     """Every response target-only sampling can give, with its probability (a response ends early at EOS)."""
     from specedge.runtime.sampling import distribution
 
-    def dist(tokens):
-        return distribution(reference.next_logits(oracle, tokens), cfg["temperature"], cfg["top_k"])
-
     out: dict[tuple, float] = {}
-    p1 = dist(ids)
-    for a in map(int, np.nonzero(p1)[0]):
-        if a in eos:
-            out[()] = out.get((), 0.0) + p1[a]
-            continue
-        p2 = dist(ids + [a])
-        for b in map(int, np.nonzero(p2)[0]):
-            key = (a,) if b in eos else (a, b)
-            out[key] = out.get(key, 0.0) + p1[a] * p2[b]
+
+    def walk(response: tuple, prob: float) -> None:
+        if len(response) == cfg["max_new_tokens"]:
+            out[response] = out.get(response, 0.0) + prob
+            return
+        p = distribution(reference.next_logits(oracle, ids + list(response)), cfg["temperature"], cfg["top_k"])
+        for a in map(int, np.nonzero(p)[0]):
+            if a in eos:
+                out[response] = out.get(response, 0.0) + prob * p[a]
+            else:
+                walk(response + (a,), prob * p[a])
+
+    walk((), 1.0)
     return out
 
 
