@@ -214,6 +214,8 @@ CASES = [
     *[(f"demo --max-new-tokens {v}", "--max-new-tokens") for v in ("0", "-1", "x")],
     *[(f"demo --k {v}", "--k") for v in ("0", "33", "x")],
     ("demo --workdir FILE", "--workdir"),
+    *[(f"demo --heldout {v}", "--heldout") for v in ("-1", "7", "x")],
+    ("demo --model nope", "--model"),
     # the group itself
     ("frobnicate", "No such command"),
     ("generate B --prompt x --no-such-option", "--no-such-option"),
