@@ -95,8 +95,8 @@ def test_heldout_section(long_bundle, capsys):
                d.Config("lookup, k 4", engine, {"drafter": "lookup", "k": 4, "adaptive": False})]
     rows, texts = d.measure(configs, [p for _, p in d.heldout_prompts(2)], 16)
     assert [row.prompts for row in rows] == [2, 2] and rows[1].identical == 2 and len(texts) == 2
-    assert 0 < rows[0].new_tokens <= 32 and rows[0].new_tokens == rows[1].new_tokens
-    assert rows[0].tested == 0 and rows[0].tokens_per_s > 0
+    assert 0 < rows[0].stats.new_tokens <= 32 and rows[0].stats.new_tokens == rows[1].stats.new_tokens
+    assert rows[0].stats.tested == 0 and rows[0].stats.tokens_per_s > 0
 
     _demo_run(configs, max_new_tokens=8, heldout=2, note=print)
     out = capsys.readouterr().out

@@ -612,8 +612,8 @@ def _demo_run(configs, max_new_tokens, heldout, note):
         rows, texts = d.measure(configs, [d.PROMPT], max_new_tokens, progress=show)
     click.secho(d.PROMPT, nl=False, bold=True)
     click.echo(texts[0])
-    stopped = " (the model ended the text)" if rows[0].new_tokens < max_new_tokens else ""
-    click.echo(f"\nthis prompt: {rows[0].new_tokens} new tokens{stopped}, greedy")
+    stopped = " (the model ended the text)" if rows[0].stats.new_tokens < max_new_tokens else ""
+    click.echo(f"\nthis prompt: {rows[0].stats.new_tokens} new tokens{stopped}, greedy")
     click.echo(d.table(rows))
     warning = d.loop_warning(texts[0], heldout)
     if warning:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..runtime.errors import SpecError
+from ..runtime.stats import Stats
 
 # read_config done, write_config to write. Chosen because neither the first demo pair nor its retrained target
 # (checked 2026-11-25) falls into a loop on it, where the old prompt (read_config alone) made both loop; a real model
@@ -132,25 +133,9 @@ class Config:
 @dataclass(frozen=True)
 class Row:
     label: str
-    new_tokens: int
-    decode_ms: float
-    tested: int
-    accepted: int
-    rounds: int
+    stats: Stats     # summed over the prompts: tokens/s, alpha and tau come from its properties
     identical: int   # prompts whose output equals plain decoding's
     prompts: int
-
-    @property
-    def tokens_per_s(self) -> float:
-        return 1e3 * self.new_tokens / self.decode_ms if self.decode_ms else 0.0
-
-    @property
-    def alpha(self) -> float:
-        return self.accepted / self.tested if self.tested else 0.0
-
-    @property
-    def tau(self) -> float:
-        return self.new_tokens / self.rounds if self.rounds else 0.0
 
 
 def heldout_prompts(n: int) -> list[tuple[str, str]]:
@@ -176,27 +161,26 @@ def measure(configs: list[Config], prompts: list[str], max_new_tokens: int, prog
     rows = []
     for c in configs:
         rs = results[c.label]
-        rows.append(Row(c.label, sum(r.stats.new_tokens for r in rs), sum(r.stats.decode_ms for r in rs),
-                        sum(r.stats.tested for r in rs), sum(r.stats.accepted for r in rs),
-                        sum(r.stats.rounds for r in rs),
-                        sum(r.token_ids == ref.token_ids for r, ref in zip(rs, reference)), len(rs)))
+        total = Stats(**{f: sum(getattr(r.stats, f) for r in rs)
+                         for f in ("new_tokens", "decode_ms", "tested", "accepted", "rounds")})
+        rows.append(Row(c.label, total, sum(r.token_ids == ref.token_ids for r, ref in zip(rs, reference)), len(rs)))
     return rows, [r.text for r in reference]
 
 
 def table(rows: list[Row]) -> str:
     """One line per configuration: tokens/s, speedup over the first row (plain), alpha, tau, exactness."""
     width = max(len(r.label) for r in rows)
-    plain = rows[0].tokens_per_s
+    plain = rows[0].stats.tokens_per_s
     lines = [f"  {'':{width}}  {'tok/s':>7}  {'vs plain':>8}  {'alpha':>5}  {'tau':>5}  output"]
     for r in rows:
         if r is rows[0]:
-            lines.append(f"  {r.label:{width}}  {r.tokens_per_s:7.1f}  {'1.00x':>8}  {'-':>5}  {'-':>5}  reference")
+            lines.append(f"  {r.label:{width}}  {r.stats.tokens_per_s:7.1f}  {'1.00x':>8}  {'-':>5}  {'-':>5}  reference")
             continue
         same = ("identical" if r.identical == r.prompts else
                 f"DIFFERENT on {r.prompts - r.identical} of {r.prompts} (a bug: please report it)")
-        alpha = f"{r.alpha:5.2f}" if r.tested else f"{'-':>5}"   # nothing drafted (lookup found no match)
-        lines.append(f"  {r.label:{width}}  {r.tokens_per_s:7.1f}  {r.tokens_per_s / plain:7.2f}x  {alpha}  "
-                     f"{r.tau:5.2f}  {same}")
+        alpha = f"{r.stats.alpha:5.2f}" if r.stats.tested else f"{'-':>5}"   # nothing drafted (lookup found no match)
+        lines.append(f"  {r.label:{width}}  {r.stats.tokens_per_s:7.1f}  {r.stats.tokens_per_s / plain:7.2f}x  {alpha}  "
+                     f"{r.stats.mean_accepted_length:5.2f}  {same}")
     return "\n".join(lines)
 
 
