@@ -31,6 +31,7 @@ class Generator:
         self.engine, self.config, self.k, self.speculative = engine, config, k, speculative
         self.rng = np.random.default_rng(config.seed)
         self.drafter_name, self.drafter = drafter, engine.make_drafter(drafter, config, self.rng)
+        self.has_draft_model = getattr(self.drafter, "model", None) is not None   # model/hybrid: a prompt to prefill
         self.policy = engine.policy if adaptive else None   # None: every round drafts k (fewer near the end)
         self._cancel, self._busy = threading.Event(), threading.Lock()   # _busy: held while a round runs
         self.tokens: list[int] = []          # prompt + committed response
@@ -93,8 +94,9 @@ class Generator:
                     self._start()
                 # k shrinks near the end of the context and of the budget: never draft what cannot be kept. With a
                 # draft model the first round is a plain step: its prefill of the prompt never delays the first token.
-                left = min(c.max_new_tokens - len(self.response), e.max_length - len(self.tokens))
-                drafts = self.speculative and (self.response or getattr(self.drafter, "model", None) is None)
+                done = len(self.tokens) - self.n_prompt
+                left = min(c.max_new_tokens - done, e.max_length - len(self.tokens))
+                drafts = self.speculative and (done > 0 or not self.has_draft_model)
                 new = self._round(min(self.k, left - 1) if drafts else 0)
             except BaseException as exc:
                 if not isinstance(exc, InvalidArgument):
