@@ -243,7 +243,7 @@ def _build(o: ExportOptions, tp: str, dp: str, verdict, tmp: Path, say, context_
 def _defaults(o: ExportOptions, tok) -> dict:
     """The runtime's defaults; the tokenizer's fill-in-the-middle tokens, when it has them, go here too (a free-form
     dict: the schema stays at its version, and older bundles fall back to scanning the tokenizer)."""
-    from ..tools.prompting import fim_tokens
+    from ..runtime.fim import fim_tokens
 
     fim = fim_tokens(tok)
     return {"k": o.k} | ({"fim": fim} if fim else {})

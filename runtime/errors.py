@@ -14,7 +14,12 @@ class BundleError(SpecError):
 
 
 class InvalidArgument(SpecError):
-    """A request or option is out of range (empty prompt, k, temperature, prompt too long)."""
+    """A request or option is out of range (empty prompt, k, temperature, prompt too long). `param` names the
+    argument (the server reports it as the error's `param`)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class ExportError(SpecError):

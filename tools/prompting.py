@@ -1,46 +1,14 @@
-"""Prompt formats a bundle's tokenizer defines: fill-in-the-middle special tokens and the chat template.
-
-Used at export time (the FIM tokens are recorded in the manifest's `defaults["fim"]`) and by the server. Imports only
-tokenizers (and jinja2, lazily, for chat templates: the `serve` extra).
-"""
+"""The chat template a bundle's tokenizer defines, for the server. Imports only tokenizers (and jinja2, lazily: the
+`serve` extra). Fill-in-the-middle tokens live in the runtime (`runtime/fim.py`)."""
 from __future__ import annotations
 
 import json
 from datetime import datetime
 from pathlib import Path
 
-from tokenizers import Tokenizer
-
 from ..runtime.errors import InvalidArgument
 
-# Fill-in-the-middle families, all in prefix-suffix-middle order: PREFIX {prefix} SUFFIX {suffix} MIDDLE -> middle.
-FIM_FAMILIES = (
-    ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),   # Qwen2.5-Coder, Granite, ...
-    ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),         # StarCoder, SmolLM, ...
-    ("<fim-prefix>", "<fim-suffix>", "<fim-middle>"),         # SantaCoder
-    ("<PRE>", "<SUF>", "<MID>"),                              # CodeLlama (as added tokens)
-    ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"),   # DeepSeek-Coder: begin=prefix, hole=suffix, end=middle
-)
 CHAT_FILES = ("chat_template.jinja", "chat_template.json", "tokenizer_config.json")
-
-
-def fim_tokens(tokenizer: Tokenizer) -> dict[str, str] | None:
-    """{"prefix", "suffix", "middle"} token strings when the tokenizer has one whole FIM family as single tokens."""
-    for family in FIM_FAMILIES:
-        ids = [tokenizer.token_to_id(t) for t in family]
-        if all(i is not None for i in ids):
-            return dict(zip(("prefix", "suffix", "middle"), family))
-    return None
-
-
-def fim_ids(tokenizer: Tokenizer, recorded: dict | None) -> tuple[int, int, int] | None:
-    """The FIM token ids: the family recorded at export time, else a scan of the tokenizer (older bundles)."""
-    names = recorded or fim_tokens(tokenizer)
-    if not names:
-        return None
-    ids = tuple(tokenizer.token_to_id(names[r]) for r in ("prefix", "suffix", "middle"))
-    return None if None in ids else ids
-
 
 def chat_template(folder: Path) -> str | None:
     """The default chat template shipped with the tokenizer files (any of the three places transformers uses)."""
@@ -57,7 +25,6 @@ def chat_template(folder: Path) -> str | None:
         if isinstance(t, str) and t:
             return t
     return None
-
 
 class ChatTemplate:
     """A chat template compiled once in an immutable sandbox: a template is code shipped with a model, and a sandbox

@@ -29,7 +29,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ..runtime import Engine, GenerationConfig, Result, SpecError
 from ..runtime.errors import InvalidArgument
-from .prompting import ChatTemplate, chat_template, fim_ids
+from ..runtime.fim import fim_ids
+from .prompting import ChatTemplate, chat_template
 
 MAX_STOP = 16                     # stop strings per request
 COMPLETION_DEFAULT_TOKENS = 16    # OpenAI's default max_tokens for /v1/completions
