@@ -10,6 +10,7 @@ from ..runtime.errors import InvalidArgument
 
 CHAT_FILES = ("chat_template.jinja", "chat_template.json", "tokenizer_config.json")
 
+
 def chat_template(folder: Path) -> str | None:
     """The default chat template shipped with the tokenizer files (any of the three places transformers uses)."""
     folder = Path(folder)
@@ -25,6 +26,7 @@ def chat_template(folder: Path) -> str | None:
         if isinstance(t, str) and t:
             return t
     return None
+
 
 class ChatTemplate:
     """A chat template compiled once in an immutable sandbox: a template is code shipped with a model, and a sandbox
