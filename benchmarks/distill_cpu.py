@@ -3,8 +3,8 @@
     python benchmarks/distill_cpu.py --minutes 5 --json benchmarks/results/distill-cpu.json
 
 Training throughput (tokens/s) of `spec-export distill` on this machine for the demo pair, and alpha (the runtime's
-greedy estimator, `distill.greedy_alpha`, k = 1..8) of the shipped draft and the distilled one on code nobody trained
-on: the .py files of installed third-party packages (rich, click). The same windows score both drafts.
+greedy estimator, `distill_models.greedy_alpha`, k = 1..8) of the shipped draft and the distilled one on code nobody
+trained on: the .py files of installed third-party packages (rich, click). The same windows score both drafts.
 """
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from specedge.export.distill import DistillOptions, _load, distill, encode, eval_windows, greedy_alpha
+from specedge.export.distill import DistillOptions, distill
+from specedge.export.distill_corpus import encode
+from specedge.export.distill_models import eval_windows, greedy_alpha, load_model
 from specedge.models.train_demo import HELD_OUT
 
 DEMO = Path(__file__).resolve().parents[1] / "models" / "demo"
@@ -46,8 +48,9 @@ def main() -> None:
     wall = time.time() - t0
 
     device = torch.device(a.device)
-    target = _load(DEMO / "target", torch).to(device).eval()
-    drafts = {"shipped": _load(DEMO / "draft", torch).to(device).eval(), "distilled": _load(out, torch).to(device).eval()}
+    target = load_model(DEMO / "target", torch).to(device).eval()
+    drafts = {"shipped": load_model(DEMO / "draft", torch).to(device).eval(),
+              "distilled": load_model(out, torch).to(device).eval()}
     third_party = {}
     for name in a.packages.split(","):
         pkg = Path(importlib.import_module(name).__file__).parent

@@ -1,7 +1,12 @@
 """Write the drafting workloads from third-party Python code the demo pair never saw (it was trained on the CPython
-standard library only), deterministically for the installed package versions (each prompt names its source).
+standard library only), deterministically for the installed package versions, the tokenizer and the seed (each
+prompt names its source).
 
-    python benchmarks/make_workloads.py            # writes benchmarks/{completion,editing,nopay}.jsonl
+    python benchmarks/make_workloads.py            # the demo tokenizer: writes benchmarks/{completion,editing,nopay}.jsonl
+    python benchmarks/make_workloads.py --tokenizer ~/.cache/specedge/gemma3-270m/bundle-dv16k/tokenizer.json \
+        --seed 23 --out benchmarks/workloads/gemma3     # Gemma's tokenizer (benchmarks/gemma_vs_llamacpp.py)
+
+The tokenizer sets the token budgets (MAX_TOKENS per prompt) and the vocabulary nopay draws from.
 
 completion: a file's preceding lines, cut at a random line: continue it (what an IDE asks for).
 editing:    a function followed by the start of an edited copy (one identifier renamed) or of a similar sibling:
@@ -27,11 +32,29 @@ N_PROMPTS, MAX_TOKENS, SEED = 16, 700, 12
 PER_PACKAGE = 3      # completion prompts per package at most, and editing prompts per file: spread the sources
 DATA = re.compile(r"lexers/|_unicode_data|builtins|_mapping|/vendor")   # tables and generated files, not code
 
-tok = Tokenizer.from_file(str(TOKENIZER))
 
 
-def n_tokens(text: str) -> int:
-    return len(tok.encode(text).ids)
+class Tokens:
+    """The tokenizer the workloads are measured with: token counts, and the ids nopay may draw (no special ones)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.tok = Tokenizer.from_file(str(self.path))
+        root = HERE.parent.resolve()   # the label in each nopay prompt's source: relative to the repository if inside
+        full = self.path.resolve()
+        home = Path.home().resolve()
+        self.label = str(full.relative_to(root)) if full.is_relative_to(root) else \
+            f"~/{full.relative_to(home)}" if full.is_relative_to(home) else str(full)
+
+    def count(self, text: str) -> int:
+        return len(self.tok.encode(text).ids)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids)
+
+    def ordinary_ids(self) -> list[int]:
+        special = {int(t["id"]) for t in json.loads(self.path.read_text())["added_tokens"]}
+        return [i for i in range(self.tok.get_vocab_size()) if i not in special]
 
 
 def sources() -> list[tuple[str, Path, list[str]]]:
@@ -46,7 +69,7 @@ def sources() -> list[tuple[str, Path, list[str]]]:
     return out
 
 
-def completion(files, rng) -> list[dict]:
+def completion(files, rng, tok: Tokens, n_prompts: int = N_PROMPTS) -> list[dict]:
     prompts = []
     long = [f for f in files if len(f[2]) >= 80]
     per: dict[str, int] = {}
@@ -58,14 +81,14 @@ def completion(files, rng) -> list[dict]:
         if not lines[cut].strip():
             continue
         start = cut - 60                         # at most 60 lines back, fewer when they exceed the token budget
-        while start < cut and n_tokens("".join(lines[max(0, start) : cut])) > MAX_TOKENS:
+        while start < cut and tok.count("".join(lines[max(0, start) : cut])) > MAX_TOKENS:
             start += 5
         start = max(0, start)
         if cut - start < 10:
             continue
         prompts.append({"prompt": "".join(lines[start:cut]), "source": f"{label}:{start + 1}-{cut}"})
         per[package] = per.get(package, 0) + 1
-        if len(prompts) == N_PROMPTS:
+        if len(prompts) == n_prompts:
             break
     return prompts
 
@@ -86,7 +109,7 @@ def functions(lines: list[str]) -> list[tuple[ast.FunctionDef, list[ast.stmt]]]:
     return out
 
 
-def editing(files, rng) -> list[dict]:
+def editing(files, rng, tok: Tokens, n_prompts: int = N_PROMPTS) -> list[dict]:
     copies, siblings = [], []
     for label, _, lines in rng.sample(files, len(files)):
         before = len(copies) + len(siblings)
@@ -94,14 +117,14 @@ def editing(files, rng) -> list[dict]:
             if len(copies) + len(siblings) - before >= PER_PACKAGE - 1:
                 break
             text = "".join(lines[fn.lineno - 1 : fn.end_lineno])
-            if n_tokens(text) * 2 > MAX_TOKENS:
+            if tok.count(text) * 2 > MAX_TOKENS:
                 continue
             # an edited copy: the same function renamed, one of its identifiers renamed throughout
             names = sorted(n for n in {x.id for x in ast.walk(fn) if isinstance(x, ast.Name)}
                            | {a.arg for a in fn.args.args} if len(n) > 2 and n[0].islower() and n not in ("self", "cls"))
             counts = {n: len(re.findall(rf"\b{n}\b", text)) for n in names}
             used = [n for n in names if counts[n] >= 3]
-            if used and len(copies) < N_PROMPTS // 2:
+            if used and len(copies) < n_prompts // 2:
                 old = rng.choice(used)
                 copy = re.sub(rf"\b{old}\b", f"new_{old}", text).replace(f"def {fn.name}(", f"def {fn.name}_v2(", 1)
                 head = copy.splitlines(True)
@@ -111,40 +134,49 @@ def editing(files, rng) -> list[dict]:
                                f"({fn.name} copied as {fn.name}_v2, {old} renamed new_{old})"})
             # a similar sibling: the next function of the same body, when it mostly repeats this one
             nxt = next((s for s in body if s.lineno > fn.end_lineno), None)
-            if isinstance(nxt, ast.FunctionDef) and len(siblings) < N_PROMPTS // 2:
+            if isinstance(nxt, ast.FunctionDef) and len(siblings) < n_prompts // 2:
                 sib = "".join(lines[nxt.lineno - 1 : nxt.end_lineno])
-                if difflib.SequenceMatcher(None, text, sib).ratio() >= 0.6 and n_tokens(text + sib) <= MAX_TOKENS:
+                if difflib.SequenceMatcher(None, text, sib).ratio() >= 0.6 and tok.count(text + sib) <= MAX_TOKENS:
                     gap = "".join(lines[fn.end_lineno : nxt.lineno - 1])
                     siblings.append({"prompt": text + gap + lines[nxt.lineno - 1],
                                      "source": f"{label}:{fn.lineno}-{nxt.lineno} ({fn.name}, then {nxt.name})"})
-        if len(copies) + len(siblings) >= N_PROMPTS:
+        if len(copies) + len(siblings) >= n_prompts:
             break
     return copies + siblings
 
 
-def nopay(rng) -> list[dict]:
-    special = {int(t["id"]) for t in json.loads(TOKENIZER.read_text())["added_tokens"]}
-    vocab = [i for i in range(tok.get_vocab_size()) if i not in special]
+def nopay(rng, tok: Tokens, seed: int, n_prompts: int = N_PROMPTS) -> list[dict]:
+    vocab = tok.ordinary_ids()
     prompts = []
-    for i in range(N_PROMPTS):
+    for i in range(n_prompts):
         ids = rng.sample(vocab, rng.randrange(64, 256))
         text = tok.decode(ids)
-        while n_tokens(text) > MAX_TOKENS:
+        while tok.count(text) > MAX_TOKENS:
             ids = ids[: len(ids) * 3 // 4]
             text = tok.decode(ids)
-        prompts.append({"prompt": text, "source": f"{len(ids)} random token ids of models/demo/target/tokenizer.json "
-                                                  f"(make_workloads.py seed {SEED}, prompt {i})"})
+        prompts.append({"prompt": text, "source": f"{len(ids)} random token ids of {tok.label} "
+                                                  f"(make_workloads.py seed {seed}, prompt {i})"})
     return prompts
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tokenizer", type=Path, default=TOKENIZER, help="tokenizer.json (default: the demo pair's)")
+    ap.add_argument("--seed", type=int, default=SEED, help="completion uses SEED, editing SEED+1, nopay SEED+2")
+    ap.add_argument("--prompts", type=int, default=N_PROMPTS, help="prompts per workload")
+    ap.add_argument("--out", type=Path, default=HERE, help="folder for completion/editing/nopay.jsonl")
+    a = ap.parse_args(argv)
+    tok = Tokens(a.tokenizer)
     files = sources()
-    for name, prompts in [("completion", completion(files, random.Random(SEED))),
-                          ("editing", editing(files, random.Random(SEED + 1))),
-                          ("nopay", nopay(random.Random(SEED + 2)))]:
-        (HERE / f"{name}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
-        lengths = [n_tokens(p["prompt"]) for p in prompts]
-        print(f"{name}: {len(prompts)} prompts, {min(lengths)}-{max(lengths)} tokens")
+    a.out.mkdir(parents=True, exist_ok=True)
+    for name, prompts in [("completion", completion(files, random.Random(a.seed), tok, a.prompts)),
+                          ("editing", editing(files, random.Random(a.seed + 1), tok, a.prompts)),
+                          ("nopay", nopay(random.Random(a.seed + 2), tok, a.seed, a.prompts))]:
+        (a.out / f"{name}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
+        lengths = [tok.count(p["prompt"]) for p in prompts]
+        print(f"{name}: {len(prompts)} prompts, {min(lengths)}-{max(lengths)} tokens ({tok.path})")
 
 
 if __name__ == "__main__":

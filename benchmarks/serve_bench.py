@@ -15,6 +15,7 @@ import json
 import platform
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from statistics import median
@@ -32,6 +33,8 @@ def start_server(bundle: Path, *args: str) -> tuple[subprocess.Popen, str]:
     deadline = time.monotonic() + 300
     for line in proc.stderr:
         if line.startswith("serving "):
+            # The server logs a line per request: keep reading its stderr, or a full pipe would stall it.
+            threading.Thread(target=proc.stderr.read, daemon=True).start()
             return proc, line.split(" at ")[1].split()[0].removesuffix("/v1")
         if time.monotonic() > deadline:
             break

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import numpy as np
 
-from specedge.runtime import Engine
+from specedge.runtime import Engine, GenerationConfig
 from specedge.runtime.drafter import ModelDrafter
 from specedge.runtime.kpolicy import KPolicy
 from specedge.runtime.lookup import HybridDrafter, LookupDrafter
@@ -32,7 +31,7 @@ def replay(prompt: list[int], response: list[int], k: int, max_ngram: int = 3) -
     ctx, rounds, matched, drafted, accepted, tested = list(prompt), 0, 0, 0, 0, 0
     i = 0
     while i < len(response):
-        draft, _ = d.propose(ctx, min(k, len(response) - i - 1) or 1)
+        draft = d.propose(ctx, min(k, len(response) - i - 1) or 1).tokens
         draft = draft[: len(response) - i - 1]            # the loop never drafts past the budget
         n = 0
         while n < len(draft) and draft[n] == response[i + n]:
@@ -65,7 +64,7 @@ def main() -> None:
         prompts = [json.loads(line)["prompt"] for line in (HERE / f"{name}.jsonl").read_text().splitlines()][: a.limit]
         sims: dict[int, list[dict]] = {k: [] for k in KS}
         timing: dict[str, list[tuple]] = {}
-        adaptive: dict[str, Adaptive] = {}
+        adaptive: dict[str, KPolicy] = {}
         for text in prompts:
             ids = engine.encode(text)
             plain = engine.generate(ids, max_new_tokens=a.max_new_tokens, speculative=False)
@@ -85,11 +84,11 @@ def main() -> None:
             for c, v in timing.items():
                 tps, alpha, tau = (np.array(x) for x in zip(*v))
                 m[c] = dict(tokens_per_s=float(np.median(tps)), speedup=float(np.exp(np.log(tps / plain_tps).mean())),
-                            alpha=float(alpha.mean()), tau=float(tau.mean()))
+                            alpha=None if np.isnan(alpha).all() else float(np.nanmean(alpha)), tau=float(tau.mean()))
+                shown = "-" if m[c]["alpha"] is None else f"{m[c]['alpha']:.2f}"
                 print(f"{name:10s} {c:16s} {m[c]['tokens_per_s']:6.1f} tok/s  {m[c]['speedup']:.2f}x  "
-                      f"alpha {m[c]['alpha']:.2f}  tau {m[c]['tau']:.2f}")
-            for c, ad in adaptive.items():
-                p = ad.policy
+                      f"alpha {shown}  tau {m[c]['tau']:.2f}")
+            for c, p in adaptive.items():
                 m[f"adaptive {c}"]["policy"] = dict(
                     c={d: p.draft_step_cost(d) for d in ("model", "lookup")},
                     verify_cost={n: p.verify_cost(n) for n in range(1, 10)},
@@ -101,68 +100,40 @@ def main() -> None:
     Path(a.json).write_text(json.dumps(out, indent=1) + "\n")
 
 
-class Adaptive:
-    """Adaptive k emulated in the current loop, which asks every round for the fixed k (the upper limit): this
-    proposes the k the policy chooses (possibly 0: a plain step) and feeds the round's timings back. The policy
-    lives as long as the object (here: one per configuration, across prompts, as an engine-wide one would)."""
-
-    def __init__(self, policy: KPolicy, vocab_size: int):
-        self.policy, self.vocab_size, self.drafter = policy, vocab_size, None
-
-    def propose(self, tokens, k):
-        d = self.drafter
-        self.source = d.source(tokens) if isinstance(d, HybridDrafter) else "model"
-        k = self.policy.choose(self.source, k)
-        t = time.perf_counter()
-        draft, p = d.propose(tokens, k) if k else (np.empty(0, np.int64), None)
-        self.t1 = time.perf_counter()
-        self.draft_s, self.k = self.t1 - t, len(draft)
-        return draft, p
-
-    def accepted(self, n):
-        verify_s = time.perf_counter() - self.t1
-        if self.k:
-            self.drafter.accepted(n)
-        self.policy.observe(self.source, self.k, n, self.draft_s, verify_s)
-
-
 def _measure(engine: Engine, ids: list[int], plain, n: int, timing: dict, adaptive: dict) -> None:
-    """Fixed-k model, lookup, hybrid and adaptive drafting through the current loop, one after another, each
-    checked against plain decoding."""
+    """Fixed-k model, lookup, hybrid and adaptive drafting through the loop, one after another, each checked against
+    plain decoding. The drafters are passed in (custom_drafter); each adaptive configuration keeps its own policy
+    across prompts, as an engine-wide one would."""
     V = engine.manifest.target.vocab_size
 
     def model(c, rng):
-        return ModelDrafter(engine.draft, c.temperature, rng=rng)
+        return ModelDrafter(engine.draft, c, rng)
 
     def hybrid(c, rng):
         return HybridDrafter(LookupDrafter(V, c.temperature), model(c, rng))
 
-    def adapt(name, inner):
-        def make(c, rng):
-            a = adaptive.setdefault(name, Adaptive(KPolicy(k_max=8), V))
-            a.drafter = inner(c, rng)
-            return a
-        return make
-
     configs = {
         "plain": (None, dict(speculative=False)),
-        "model k=4": (None, dict(k=4)),
+        "model k=4": (model, dict(k=4)),
         "lookup k=4": (lambda c, rng: LookupDrafter(V, c.temperature), dict(k=4)),
         "lookup k=8": (lambda c, rng: LookupDrafter(V, c.temperature), dict(k=8)),
         "hybrid k=4": (hybrid, dict(k=4)),
         "hybrid k=8": (hybrid, dict(k=8)),
-        "adaptive model": (adapt("model", model), dict(k=8)),
-        "adaptive hybrid": (adapt("hybrid", hybrid), dict(k=8)),
+        "adaptive model": (model, dict(k=8, adaptive=True)),
+        "adaptive hybrid": (hybrid, dict(k=8, adaptive=True)),
     }
+    shared = engine.policy
     for name, (make, opts) in configs.items():
-        if make:
-            engine.make_drafter = lambda name, c, rng, make=make: make(c, rng)
+        c = GenerationConfig(max_new_tokens=n, **{"adaptive": False, **opts})
+        if c.adaptive:
+            engine.policy = adaptive.setdefault(name.split()[-1], KPolicy(k_max=8))
         try:
-            r = engine.generate(ids, max_new_tokens=n, **opts)
+            r = engine.generate(ids, c, custom_drafter=make(c, np.random.default_rng(0)) if make else None)
         finally:
-            engine.__dict__.pop("make_drafter", None)
+            engine.policy = shared
         assert r.token_ids == plain.token_ids, f"{name} differs from plain decoding"
-        timing.setdefault(name, []).append((r.stats.tokens_per_s, r.stats.alpha, r.stats.mean_accepted_length))
+        alpha = r.stats.alpha if r.stats.alpha is not None else float("nan")   # None: nothing drafted
+        timing.setdefault(name, []).append((r.stats.tokens_per_s, alpha, r.stats.mean_accepted_length))
 
 
 if __name__ == "__main__":

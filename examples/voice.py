@@ -21,19 +21,28 @@ from typing import Callable, Iterator
 from openai import OpenAI
 
 SYSTEM = "You are a voice assistant. Answer in short spoken sentences."
-# A sentence ends at . ! ? or a newline, followed by whitespace; the whitespace stays with it (nothing is lost).
+# A sentence ends at . ! ? or a newline, followed by whitespace; the whitespace stays with it. A piece with no letter or
+# digit (a leading newline, a lone "...") is nothing to say: it goes to the front of the next sentence.
 END = re.compile(r"[.!?…]+[\"')\]]*\s+|\n+")
 
 
+def speakable(text: str) -> bool:
+    return any(ch.isalnum() for ch in text)
+
+
 def sentences(deltas: Iterator[str], hand_on: Callable[[str], None]) -> None:
-    """Hand on each complete sentence as soon as its end has arrived; the rest when the stream ends."""
-    buf = ""
+    """Hand on each complete sentence as soon as its end has arrived, the rest when the stream ends; each one holds a
+    letter or digit. Their concatenation is the text, less a tail with neither."""
+    buf, start = "", 0          # buf[:start] has no sentence end that closes a speakable sentence
     for d in deltas:
         buf += d
-        while (m := END.search(buf)) is not None:
-            hand_on(buf[: m.end()])
-            buf = buf[m.end():]
-    if buf:
+        while (m := END.search(buf, start)) is not None:
+            if speakable(buf[: m.start()]):
+                hand_on(buf[: m.end()])
+                buf, start = buf[m.end():], 0
+            else:
+                start = m.end()
+    if speakable(buf):
         hand_on(buf)
 
 
@@ -79,7 +88,8 @@ def main() -> None:
                           "text": "".join(s for _, s in said), "time_to_first_sentence_ms": first,
                           "total_ms": 1e3 * (time.perf_counter() - t0)}))
     else:
-        print(f"time to first sentence: {first or 0:.0f} ms ({'chat' if chat else 'dialogue prompt'})")
+        when = f"{first:.0f} ms" if first is not None else "none (the reply had no letter or digit)"
+        print(f"time to first sentence: {when} ({'chat' if chat else 'dialogue prompt'})")
 
 
 if __name__ == "__main__":

@@ -14,8 +14,9 @@ from ..runtime.errors import ExportError, InvalidArgument, SpecError
 from ..runtime.manifest import MANIFEST, Manifest, ModelSpec, TokenizerSpec, sha256
 from . import parity
 from .check import check_pair, check_target, require_compatible, tokenizer_fingerprint
-from .distill import DISTILL_CARD
+from .distill_card import DISTILL_CARD
 from .graphs import PRECISIONS, build_graph
+from .osutil import replace_dir
 
 
 DEFAULT_MAX_LENGTH = 2048
@@ -49,6 +50,9 @@ def export_bundle(o: ExportOptions, progress=None, log=None) -> Manifest:
         # --force replaces a bundle, never a file or a folder of something else (think --out ~ --force)
         raise InvalidArgument(f"{out} exists and is not a specedge bundle: --force only replaces bundles; choose "
                               f"another --out")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # its "Loading weights" bars would interleave with the [i/6] steps
     tmp, created = _make_partial(out, log or (lambda text: None))
     try:
         say(0, 6, "checking compatibility")
@@ -58,7 +62,7 @@ def export_bundle(o: ExportOptions, progress=None, log=None) -> Manifest:
         say(0, 6, f"context length {o.max_length}: {context_note}")
         manifest = _build(o, tp, dp, verdict, tmp, say, context_note)
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp made it 0700: give the bundle an ordinary folder's permissions
-        _replace(tmp, out)
+        replace_dir(tmp, out)
         return manifest
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -71,7 +75,8 @@ def export_bundle(o: ExportOptions, progress=None, log=None) -> Manifest:
 
 
 # Hidden siblings of the destination while an export runs: .NAME.partial-PID-xxxx (the bundle being built) and
-# .NAME.old-PID-xxxx (the previous bundle during the swap). The PID in the name says whether they are still in use.
+# .NAME.old-PID-xxxx (the previous bundle during osutil.replace_dir's swap). The PID in the name says whether they are
+# still in use.
 STALE_AFTER_S = 3600  # leftovers without a PID (older versions of this tool) are stale after an hour
 
 
@@ -247,22 +252,6 @@ def _defaults(o: ExportOptions, tok) -> dict:
 
     fim = fim_tokens(tok)
     return {"k": o.k} | ({"fim": fim} if fim else {})
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Swap the finished bundle in with renames, so no reader ever sees half a bundle."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}-{int(time.time())}")
-        out.rename(old)
-    try:
-        tmp.rename(out)
-    except BaseException:
-        if old:
-            old.rename(out)  # put the previous bundle back
-        raise
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _max_positions(model_dir: Path) -> int | None:

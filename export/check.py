@@ -98,10 +98,16 @@ def _json(path: Path, default=None) -> dict:
     return data
 
 
-def _config(path: Path) -> dict:
+def read_config(path: Path) -> dict:
+    """A checkpoint folder's config.json, with the decoder's settings at the top level."""
     raw = _json(Path(path) / "config.json")
     # Multimodal checkpoints keep the decoder's settings in text_config; top-level keys win where both exist.
     return {**(raw.get("text_config") or {}), **raw}
+
+
+def num_layers(cfg: dict) -> int:
+    """Decoder layers, under whichever name the family's config uses (0 when it names none)."""
+    return cfg.get("num_hidden_layers") or cfg.get("n_layer") or cfg.get("num_layers") or 0
 
 
 def _tensor_shapes(path: Path) -> dict[str, list[int]]:
@@ -144,7 +150,7 @@ def _count_parameters(path: Path, cfg: dict) -> tuple[int, int]:
 
 def _layer_types(cfg: dict) -> list[str]:
     """Each layer's attention type, as transformers derives it when config.json lists none (older checkpoints)."""
-    n = cfg.get("num_hidden_layers") or cfg.get("n_layer") or cfg.get("num_layers") or 0
+    n = num_layers(cfg)
     if cfg.get("layer_types") or cfg.get("layers_block_type"):
         return list(cfg.get("layer_types") or cfg["layers_block_type"])
     model_type, window = cfg.get("model_type", ""), cfg.get("sliding_window")
@@ -189,7 +195,7 @@ def _rewind_problem(cfg: dict) -> str:
 
 def model_info(path: Path) -> ModelInfo:
     path = Path(path)
-    cfg = _config(path)
+    cfg = read_config(path)
     vocab = cfg.get("vocab_size")
     if not vocab:
         raise ExportError(f"{path}/config.json has no vocab_size; add the embedding's row count as vocab_size")
@@ -200,7 +206,7 @@ def model_info(path: Path) -> ModelInfo:
         architecture=(cfg.get("architectures") or ["?"])[0],
         model_type=cfg.get("model_type", "?"),
         parameters=parameters,
-        num_layers=cfg.get("num_hidden_layers") or cfg.get("n_layer") or cfg.get("num_layers") or 0,
+        num_layers=num_layers(cfg),
         hidden_size=cfg.get("hidden_size") or cfg.get("n_embd") or cfg.get("d_model") or 0,
         vocab_size=vocab,
         rewindable=not reason,
@@ -231,7 +237,7 @@ def _read_tokenizer(path: Path) -> _Tok:
         tok = Tokenizer.from_file(str(f))
     except Exception as e:  # the tokenizers library raises a bare Exception for any unreadable file
         raise ExportError(f"{f} could not be read as a tokenizer ({e}); re-save the tokenizer into {path}") from e
-    cfg = _config(path) if (path / "config.json").is_file() else {}  # a tokenizer-only folder has none
+    cfg = read_config(path) if (path / "config.json").is_file() else {}  # a tokenizer-only folder has none
     gen, tcfg = _json(path / "generation_config.json", {}), _json(path / "tokenizer_config.json", {})
     specials = {}
     for name in SPECIALS:

@@ -80,6 +80,15 @@ def choose_tokens(tokenizer_file: Path, n: int, vocab_size: int, corpus: list[Pa
     return np.sort(order[:n]).astype(np.int64)
 
 
+def lm_head(g: onnx.GraphProto, producer: dict, output: str = "logits"):
+    """The node that computes `output` from the hidden states (MatMul or MatMulNBits), found through the elementwise
+    ops after it; None when something else (a Gemm, a Reshape) sits there."""
+    node = producer.get(output)
+    while node is not None and node.op_type in ELEMENTWISE:
+        node = producer.get(node.input[0])
+    return node if node is not None and node.op_type in ("MatMul", "MatMulNBits") else None
+
+
 def map_sha256(kept: np.ndarray) -> str:
     return hashlib.sha256(np.asarray(kept, "<i8").tobytes()).hexdigest()
 
@@ -94,9 +103,10 @@ def reduce_head(path: Path, kept: np.ndarray) -> None:
     if out is None or any(o.name == "argmax" for o in g.output):
         raise ExportError(f"{path} has no logits output, or already an argmax: cannot reduce its vocabulary")
     vocab = out.type.tensor_type.shape.dim[-1].dim_value
-    node = producer["logits"]
-    while node.op_type in ELEMENTWISE:
-        node = producer[node.input[0]]
+    node = lm_head(g, producer)
+    if node is None:
+        raise ExportError(f"{path}'s logits do not come from a MatMul by the LM head's weights: --draft-vocab cannot "
+                          f"slice it; export without --draft-vocab")
     kept = np.asarray(kept, np.int64)
     _slice_head(node, g, inits, producer, kept)
 
@@ -132,7 +142,8 @@ def reduce_head(path: Path, kept: np.ndarray) -> None:
         helper.make_node("Expand", ["draft_vocab_position", "logits_shape"], ["position"]),   # [b, n, V] int32
         helper.make_node("GatherElements", ["logits_padded", "position"], ["logits"], axis=2),
     ])
-    g.output.append(helper.make_tensor_value_info("argmax", onnx.TensorProto.INT64, ["batch_size", "sequence_length"]))
+    rows = [d.dim_param or d.dim_value for d in out.type.tensor_type.shape.dim[:2]]   # the logits' [b, n]
+    g.output.append(helper.make_tensor_value_info("argmax", onnx.TensorProto.INT64, rows))
     for f in path.parent.glob(path.name + "*"):
         f.unlink()
     onnx.save(m, str(path), save_as_external_data=True, location=path.name + ".data")

@@ -20,6 +20,7 @@ import numpy as np
 
 from ..runtime.errors import ExportError
 from ..runtime.providers import cache_root
+from .osutil import die_with_parent
 
 MODELOPT = "nvidia-modelopt[onnx]==0.47.0"
 TORCH = "torch==2.13.0"   # installed first: ModelOpt depends on torch, and an unpinned one pulls a CUDA build
@@ -64,8 +65,6 @@ def ensure_env() -> Path:
 
 def quantize_fp8(path: Path, calibration: dict[str, np.ndarray], log: Path) -> None:
     """Replace the fp32 graph at `path` by its FP8 Q/DQ version calibrated on `calibration` (input name -> array)."""
-    from .graphs import die_with_parent
-
     python = ensure_env()
     work = path.parent / ".fp8"
     work.mkdir()

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 from ..runtime.errors import ExportError
+from .osutil import replace_dir
 
 # Bump when the conversion below changes what it writes: cached folders made by an older one are then stale.
 CONVERT_VERSION = 1
@@ -39,6 +40,5 @@ def gguf_to_hf(gguf: Path, out: Path) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    replace_dir(tmp, out)
     return out

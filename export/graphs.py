@@ -17,7 +17,10 @@ import onnx
 
 from ..runtime.errors import ExportError
 from .check import TOKENIZER_FILES, layer_windows
+from .osutil import die_with_parent
+from .draft_vocab import lm_head, map_sha256, reduce_head
 from .torch_export import PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE
+from ..runtime.kv import LOGITS_FROM
 from ..runtime.manifest import PRECISIONS  # noqa: F401  (re-exported: the exporter's precisions are the manifest's)
 
 # Architectures the builder handles with plain full attention (checked against onnxruntime-genai 0.18).
@@ -26,16 +29,6 @@ BUILDER_ARCHS = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "
                  "SmolLM3ForCausalLM", "NemotronForCausalLM", "PhiForCausalLM", "Gemma2ForCausalLM",
                  "Gemma3ForCausalLM"}
 BUILDER_EP = {"cpu": "cpu", "cuda": "cuda", "rtx": "NvTensorRtRtx"}
-
-
-def die_with_parent() -> None:
-    """preexec_fn for the builder and ModelOpt subprocesses: on Linux they get SIGKILL when the export dies, so a
-    killed export leaves no orphan writing into its temporary folder (which the next export removes)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
 def build_graph(model_dir: Path, out_dir: Path, precision: str, device: str, log: Path,
@@ -55,9 +48,10 @@ def build_graph(model_dir: Path, out_dir: Path, precision: str, device: str, log
     else:
         raise ExportError(f"{arch} is not supported by onnxruntime-genai's model builder, whose in-place KV graphs "
                           f"--device {device} needs; export it with --device cpu or --device trt")
+    if device not in ("rtx", "trt") and not select_rows(out_dir / "model.onnx"):
+        with open(log, "a") as f:
+            f.write(f"note: {out_dir.name}'s LM head was not found; the graph computes logits for every position\n")
     if head_rows is not None:
-        from .draft_vocab import map_sha256, reduce_head
-
         reduce_head(out_dir / "model.onnx", head_rows)
         facts = dict(facts, draft_vocab=len(head_rows), vocab_map_sha256=map_sha256(head_rows))
     add_argmax(out_dir / "model.onnx")
@@ -218,6 +212,56 @@ def weight_bytes_per_step(path: Path) -> int:
     return total
 
 
+def select_rows(path: Path) -> bool:
+    """Add the optional input `logits_from` (int64 [1], default [0]): the LM head reads hidden[:, logits_from:, :],
+    a Python slice start over the step's positions, so -m computes the logits (and argmax) of the last m positions
+    only and the default 0 computes all of them. Return False (graph unchanged) where no MatMul head is found.
+
+    A start rather than a count: it is Slice's own `starts` input, so the graph gains one node and no arithmetic
+    (on a GPU, Slice reads its starts on the host, where kv.py binds them).
+    The default is an initializer of the same name, which a feed overrides (ONNX IR >= 4): onnxruntime-genai,
+    which runs these graphs too and knows nothing of the input, gets every row as before. The KV cache is written
+    before the head, so it does not depend on the rows chosen. Not added for TensorRT (rtx, trt), where a slice
+    start fed at run time becomes a shape input its engines would need profiles for.
+
+    Prompt reads are what it is for: Gemma 3 270M's tied 262k-row head is 63% of its weights, and a 300-token
+    prefill whose logits nobody reads spends most of its time there."""
+    m = onnx.load(str(path), load_external_data=False)  # weights stay where they are, referenced by file name
+    g = m.graph
+    if any(i.name == LOGITS_FROM for i in g.input):
+        return True
+    producer = {o: n for n in g.node for o in n.output}
+    head = lm_head(g, producer)
+    logits = next(o for o in g.output if o.name == "logits")
+    if head is None or len(logits.type.tensor_type.shape.dim) != 3:  # [b, n, V]: the head reads [b, n, hidden]
+        return False
+    hidden, kept = head.input[0], f"{head.input[0]}/{LOGITS_FROM}"
+    g.initializer.extend([onnx.numpy_helper.from_array(np.array([0], np.int64), LOGITS_FROM),
+                          onnx.numpy_helper.from_array(np.array([np.iinfo(np.int64).max], np.int64),
+                                                       f"{LOGITS_FROM}/end"),
+                          onnx.numpy_helper.from_array(np.array([1], np.int64), f"{LOGITS_FROM}/axis")])
+    g.input.append(onnx.helper.make_tensor_value_info(LOGITS_FROM, onnx.TensorProto.INT64, [1]))
+    g.node.insert(list(g.node).index(head), onnx.helper.make_node(
+        "Slice", [hidden, LOGITS_FROM, f"{LOGITS_FROM}/end", f"{LOGITS_FROM}/axis"], [kept],
+        name=f"/{LOGITS_FROM}/Slice"))
+    head.input[0] = kept
+    # Shapes recorded from the head on hold the step's length, which the logits no longer have: drop them, and give
+    # the output's row axis its own name (onnxruntime reuses buffers between tensors of equal symbolic shape).
+    after, stack = set(), [kept]
+    while stack:
+        t = stack.pop()
+        for n in g.node:
+            if t in n.input:
+                stack.extend(o for o in n.output if o not in after)
+                after.update(n.output)
+    keep = [v for v in g.value_info if v.name not in after]
+    del g.value_info[:]
+    g.value_info.extend(keep)
+    logits.type.tensor_type.shape.dim[1].dim_param = "logits_length"
+    onnx.save(m, str(path))
+    return True
+
+
 def add_argmax(path: Path) -> None:
     """Append an `argmax` output [batch, n] int64 = argmax of the logits over the vocabulary. Greedy decoding then
     reads n integers per step instead of n x vocab logits: on a GPU the logits never leave the device."""
@@ -225,14 +269,14 @@ def add_argmax(path: Path) -> None:
     g = m.graph
     if any(o.name == "argmax" for o in g.output):
         return
-    src = "logits"
-    if next(o for o in g.output if o.name == "logits").type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+    src, logits = "logits", next(o for o in g.output if o.name == "logits")
+    if logits.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
         # ArgMax has no fp16 kernel on the CPU; casting (n, vocab) on the device costs microseconds.
         g.node.append(onnx.helper.make_node("Cast", ["logits"], ["logits_fp32"], to=onnx.TensorProto.FLOAT))
         src = "logits_fp32"
     g.node.append(onnx.helper.make_node("ArgMax", [src], ["argmax"], axis=-1, keepdims=0))  # first max on ties
-    g.output.append(onnx.helper.make_tensor_value_info("argmax", onnx.TensorProto.INT64,
-                                                       ["batch_size", "sequence_length"]))
+    rows = [d.dim_param or d.dim_value for d in logits.type.tensor_type.shape.dim[:2]]   # the logits' [b, n]
+    g.output.append(onnx.helper.make_tensor_value_info("argmax", onnx.TensorProto.INT64, rows))
     onnx.save(m, str(path))
 
 

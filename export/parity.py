@@ -1,7 +1,8 @@
 """Validate an exported graph against the PyTorch checkpoint it came from, on real prompts.
 
 Two properties: (1) the graph computes the checkpoint's logits; (2) a multi-token step with past equals
-token-by-token decoding -- speculative verification rests on it.
+token-by-token decoding -- speculative verification rests on it. Both on every row of a step (the graph's default);
+the last row computed alone (`logits_from`, as a prompt read or a draft's catch-up asks) is reported beside them.
 """
 from __future__ import annotations
 
@@ -52,10 +53,13 @@ def check_graph(spec: ModelSpec, bundle: Path, prompts: list[list[int]], referen
     # On the CPU provider whatever the bundle's device: every graph the exporter writes runs there (fp16 and FP8
     # included), so validation is the same on a laptop, in CI and on the target machine.
     model = open_model(bundle, spec, "cpu")
-    dmax, agree, total, step_dmax, step_agree, step_total = 0.0, 0, 0, 0.0, 0, 0
+    dmax, agree, total, step_dmax, step_agree, step_total, last_dmax = 0.0, 0, 0, 0.0, 0, 0, 0.0
     for ids, ref in zip(prompts, reference):
         model.rewind(0)
         full = model.forward(ids)[:, cols].copy()                          # (n, V), one pass from an empty cache
+        model.rewind(0)
+        last = model.forward(ids, rows=1)[:, cols]                         # (1, V), the head on the last row only
+        last_dmax = max(last_dmax, float(np.abs(last - full[-1:]).max()))
         ref = ref[:, cols]
         dmax = max(dmax, float(np.abs(full - ref).max()))
         agree += int((full.argmax(-1) == ref.argmax(-1)).sum())
@@ -71,7 +75,8 @@ def check_graph(spec: ModelSpec, bundle: Path, prompts: list[list[int]], referen
         step_agree += int((multi.argmax(-1) == single.argmax(-1)).sum())
         step_total += len(ids) - cut
     return {"validated_on": "CPUExecutionProvider", "max_abs_logit_diff": dmax, "top1_agreement": agree / total,
-            "tokens": total, "step_max_abs_diff": step_dmax, "step_top1_agreement": step_agree / step_total}
+            "tokens": total, "step_max_abs_diff": step_dmax, "step_top1_agreement": step_agree / step_total,
+            "last_row_max_abs_diff": last_dmax}
 
 
 def passes(record: dict, precision: str) -> tuple[bool, str]:

@@ -7,7 +7,7 @@ tokens appended; 2. the target, next-token cross-entropy, a FIM_RATE share of it
 order (or `--init-target DIR`: continue an earlier target, its embedding grown by the FIM rows); 3. the draft:
 `spec-export distill` (export/distill.py: cross-entropy mixed with KL to the target) of a small fresh draft, an
 earlier one (`--init-draft`), or one carved out of the target (`--draft-layers N`, `--from-target`); 4. alpha on the held-out modules, k = 1..8 (the
-runtime's estimator, distill.greedy_alpha); 5. both as ordinary Hugging Face folders (config, fp16 safetensors,
+runtime's estimator, distill_models.greedy_alpha); 5. both as ordinary Hugging Face folders (config, fp16 safetensors,
 tokenizer) that `spec-export` accepts. Uses a GPU when one is present; seeds are fixed; loss curves go to
 train_log.json and loss.png.
 
@@ -123,12 +123,14 @@ def make_model(shape: dict, vocab: int, seed: int, init: Path | None):
 def train_target(model, data: np.ndarray, minutes: float, lr: float, batch: int, device, seed: int, ckpt: Path,
                  fim_ids: list[int], checkpoint_minutes: float = 5.0) -> list[dict]:
     """Time-budgeted AdamW (warmup, cosine over the step count estimated from the first 20 steps), resumable from
-    `ckpt`: batches are distill.batch_at(seed, step), and the checkpoint keeps weights, optimizer, step, schedule."""
+    `ckpt`: batches are distill_corpus.batch_at(seed, step), and the checkpoint keeps weights, optimizer, step,
+    schedule."""
     import torch
     import torch.nn.functional as F
     from tqdm import tqdm
 
-    from ..export.distill import _lr, _save_atomic, batch_at
+    from ..export.distill import lr_at, save_checkpoint
+    from ..export.distill_corpus import batch_at
 
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
@@ -142,8 +144,8 @@ def train_target(model, data: np.ndarray, minutes: float, lr: float, batch: int,
         print(f"target: resuming at step {step} ({spent / 60:.1f} of {minutes} minutes spent)")
 
     def checkpoint():
-        _save_atomic({"model": model.state_dict(), "opt": opt.state_dict(), "rng": torch.get_rng_state(),
-                      "step": step, "spent": spent, "total": total, "log": log}, ckpt)
+        save_checkpoint({"model": model.state_dict(), "opt": opt.state_dict(), "rng": torch.get_rng_state(),
+                         "step": step, "spent": spent, "total": total, "log": log}, ckpt)
 
     start, last = time.time() - spent, time.time()
     bar = tqdm(total=int(minutes * 60), initial=int(spent), desc="target", unit="s")
@@ -151,7 +153,7 @@ def train_target(model, data: np.ndarray, minutes: float, lr: float, batch: int,
         if total is None and step == 20:  # the schedule's length, from the first 20 steps; kept in the checkpoint
             total = max(21, int(20 * minutes * 60 / spent))
         for g in opt.param_groups:
-            g["lr"] = _lr(step, total or 10**9, lr)
+            g["lr"] = lr_at(step, total or 10**9, lr)
         rows = to_psm(batch_at(data, seed, step, batch, SEQ), fim_ids, np.random.default_rng([seed, step, 1]))
         xy = torch.from_numpy(rows.astype(np.int64)).to(device)
         logits = model(xy[:, :-1]).logits
@@ -178,7 +180,7 @@ def eval_loss(model, data, device, n: int = 32) -> float:
     import torch
     import torch.nn.functional as F
 
-    from ..export.distill import batch_at
+    from ..export.distill_corpus import batch_at
 
     with torch.no_grad():
         losses = []
@@ -215,7 +217,7 @@ def distill_draft(work: Path, name: str, files: list[Path], a, **recipe) -> dict
 def main(argv=None):
     import torch
 
-    from ..export.distill import _load, eval_windows, greedy_alpha
+    from ..export.distill_models import eval_windows, greedy_alpha, load_model
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("models/demo"))
@@ -271,7 +273,7 @@ def main(argv=None):
     # 3. evaluation on the held-out modules, with the runtime's alpha estimator
     logs = {"target": json.loads(target_log.read_text()),
             "draft": [{"step": r["step"], "seconds": r["seconds"], "loss": r["ce"]} for r in cards["draft"]["log"]]}
-    models = {n: _load(work / n, torch).to(device).eval() for n in ("target", "draft")}
+    models = {n: load_model(work / n, torch).to(device).eval() for n in ("target", "draft")}
     windows, prompt = eval_windows(models["target"], held_data.astype(np.int64), device, MAX_POS)
     card = {"device": str(device), "train_tokens": int(len(data)), "held_out_tokens": int(len(held_data)),
             "held_out_modules": list(HELD_OUT), "vocab_size": tok.get_vocab_size(), "seq_len": SEQ,

@@ -1,49 +1,108 @@
-"""Drafters: anything that proposes k tokens and learns how many the target kept."""
+"""Drafters: anything that proposes k tokens and learns how many the target kept. The loop knows them only through
+the `Drafter` protocol; the draft model is here, prompt lookup and the hybrid in lookup.py."""
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 import numpy as np
 
+from .config import GenerationConfig
+from .errors import InvalidArgument
 from .kv import KVModel
 from .sampling import distribution, sample
 
 
+@dataclass(frozen=True)
+class Proposal:
+    """One round's draft."""
+    tokens: np.ndarray            # (k,) int64: the draft tokens continuing the context
+    p: np.ndarray | None          # (k, V) float64: the distribution each was drawn from; None when drafted greedily
+    source: str                   # who drafted ("model", "lookup"): the name the k policy keeps estimates under
+    read_s: float = 0.0           # of the drafting time: reading context the drafter had not seen (its catch-up)
+
+    def __post_init__(self):
+        t, p = self.tokens, self.p
+        if not (isinstance(t, np.ndarray) and t.ndim == 1 and np.issubdtype(t.dtype, np.integer)):
+            raise InvalidArgument(f"a Proposal's tokens must be a 1-D integer numpy array, got {t!r:.80}", "drafter")
+        if p is not None and not (isinstance(p, np.ndarray) and p.ndim == 2 and len(p) == len(t)):
+            raise InvalidArgument(f"a Proposal's p must be None or one row per token, (k, V), got "
+                                  f"{getattr(p, 'shape', type(p).__name__)} for {len(t)} tokens", "drafter")
+        object.__setattr__(self, "tokens", t.astype(np.int64, copy=False))
+
+
 class Drafter(Protocol):
-    def propose(self, tokens: Sequence[int], k: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """k draft tokens continuing `tokens` and the k rows of the distribution they were drawn from
-        ([k, V] float64; None for greedy drafting)."""
+    reads_prompt: bool   # True: a proposal first reads the context the drafter has not seen (a draft model's
+                         # prefill); the loop then makes the first round a plain step, so that no prompt read delays
+                         # the first token
+
+    def lead(self, tokens: Sequence[int]) -> str:
+        """Who would draft after `tokens` now: the `source` of the next proposal, named before it is made so that
+        the k policy can choose k from that source's estimates. Cheap; changes nothing."""
+
+    def propose(self, tokens: Sequence[int], k: int) -> Proposal:
+        """Up to k draft tokens continuing `tokens` (k >= 1; fewer when the drafter has no better guess)."""
 
     def accepted(self, n: int) -> None:
         """The target kept the first n tokens of the last proposal; forget the rest."""
 
 
 class ModelDrafter:
-    """A small decoder with its own KV cache. Greedy when temperature == 0, else samples from the processed p."""
+    """A small decoder with its own KV cache. Greedy when the request is, else samples from the processed p (the
+    request's temperature, top-k and top-p, applied as the target's are).
 
-    def __init__(self, model: KVModel, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                 rng: np.random.Generator | None = None):
-        self.model, self.base = model, 0
-        self.temperature, self.top_k, self.top_p, self.rng = temperature, top_k, top_p, rng
+    window: with W, the draft reads only recent context, at its own positions from 0: the tokens from a start that
+    moves forward only when the context past it exceeds 2W tokens, then to the last W. A long prompt then costs at most
+    W tokens to read, and a moving window W tokens once per W new ones. Proposals only need to be good, since the
+    target verifies every token: output is the same either way."""
+
+    reads_prompt = True
+
+    def __init__(self, model: KVModel, config: GenerationConfig | None = None,
+                 rng: np.random.Generator | None = None, window: int | None = None):
+        if window is not None and not 1 <= window:
+            raise InvalidArgument(f"draft_window must be at least 1 token (or 0/None: all), got {window}",
+                                  "draft_window")
+        self.model, self.config, self.rng, self.window = model, config or GenerationConfig(), rng, window
+        self.base = 0    # tokens of the (windowed) context the last proposal continued
+        self.start = 0   # where the window begins in the context
+
+    def lead(self, tokens):
+        return "model"
 
     def propose(self, tokens, k):
-        m = self.model
-        # Feed what the draft has not seen (last round's accepted tokens and the target's correction; the whole
-        # prompt on a new request, minus any prefix it shares with the last one) in one step, then k-1 single steps.
-        keep = m.reuse(tokens)
-        self.base = len(tokens)
-        if self.temperature == 0:  # greedy: ids only, chained on the device where the graph allows
-            return m.greedy_chain(tokens[keep:], k), None
-        out = m.forward(tokens[keep:])[-1]                                     # (V,) logits
+        m, c = self.model, self.config
+        ctx = self._window(tokens)
+        keep = m.reuse(ctx)
+        self.base = len(ctx)
+        # The round's own feed is last round's correction (and the bonus token when all were kept): one or two
+        # tokens. More is catch-up (the prompt, rounds this drafter sat out, a moved window): read it in one pass that
+        # keeps no logits, and time it apart, so that the k policy charges it to this drafter.
+        t, read_s = time.perf_counter(), 0.0
+        if len(ctx) - keep > 2:
+            m.forward(ctx[keep:-1], want=None)
+            keep, read_s = len(ctx) - 1, time.perf_counter() - t
+        if c.temperature == 0:  # greedy: ids only, chained on the device where the graph allows
+            return Proposal(m.greedy_chain(ctx[keep:], k), None, "model", read_s)
+        out = m.forward(ctx[keep:], rows=1)[0]                                  # (V,) logits: the last row
         draft = np.empty(k, np.int64)                                          # (k,)
         probs = np.empty((k, len(out)))                                        # (k, V)
         for i in range(k):
-            probs[i] = distribution(out, self.temperature, self.top_k, self.top_p)
+            probs[i] = distribution(out, c.temperature, c.top_k, c.top_p)
             draft[i] = sample(probs[i], self.rng)
             if i + 1 < k:  # the last draft token is fed next round, and only if the target accepts it
                 out = m.forward(draft[i : i + 1])[0]
-        return draft, probs
+        return Proposal(draft, probs, "model", read_s)
 
     def accepted(self, n):
-        # The cache holds tokens + draft[:k-1]; keep tokens + draft[:n]. Setting an integer is the whole rewind.
-        self.model.rewind(min(self.model.pos, self.base + n))
+        # The cache holds context + draft[:k-1]; keep context + draft[:n]. Setting an integer is the whole rewind.
+        # (n may be negative: the hybrid's model drafted after looked-up tokens, n - m of which were kept.)
+        self.model.rewind(max(0, min(self.model.pos, self.base + n)))
+
+    def _window(self, tokens: Sequence[int]) -> Sequence[int]:
+        if not self.window:
+            return tokens
+        if not 0 < len(tokens) - self.start <= 2 * self.window:   # a new request, or the window is full: move it
+            self.start = max(0, len(tokens) - self.window)
+        return tokens[self.start :]

@@ -2,7 +2,8 @@
 
 With a_i the probability that draft position i is accepted given that positions 1..i-1 were, a round that drafts k
 tokens commits E(k) = 1 + sum_{i=1..k} prod_{j<=i} a_j tokens (the accepted run plus the target's own token) and
-costs t(k+1)/t(1) + k*c target steps (one verify pass over k+1 tokens, k draft steps at c target steps each). k = 0
+costs t(k+1)/t(1) + k*c + u target steps (one verify pass over k+1 tokens, k draft steps at c target steps each, and
+u: what the drafter spends on average per drafting round catching up on context it had not seen). k = 0
 is a plain step (E = 1, cost 1), so a drafter that stops paying stops drafting; it is probed again every
 `probe_every` rounds so that it can start paying again.
 
@@ -46,6 +47,7 @@ class KPolicy:
     _verify_s: deque = field(default_factory=deque, init=False, repr=False)  # (width n, seconds), the latest
     _step_s: dict[str, deque] = field(default_factory=dict, init=False, repr=False)     # drafter -> s per draft
     _idle: dict[str, int] = field(default_factory=dict, init=False, repr=False)         # rounds since drafting
+    _read_s: dict[str, float] = field(default_factory=dict, init=False, repr=False)     # drafter -> catch-up s
     _line: tuple[float, float, float] | None = field(default=None, init=False, repr=False)  # fit of _verify_s
 
     def __post_init__(self):
@@ -68,9 +70,10 @@ class KPolicy:
                 return min(self.probe_k, top)
         return k
 
-    def observe(self, drafter: str, k: int, n_accepted: int, draft_s: float, verify_s: float) -> None:
+    def observe(self, drafter: str, k: int, n_accepted: int, draft_s: float, verify_s: float,
+                read_s: float = 0.0) -> None:
         """One round: k tokens drafted (0 for a plain step), n_accepted of them kept, the seconds spent drafting
-        and verifying (verify_s covers a pass over k + 1 tokens)."""
+        (draft steps; read_s beside it: catching up on context) and verifying (a pass over k + 1 tokens)."""
         assert 0 <= n_accepted <= k, (n_accepted, k)
         # One window for all widths: a width the policy stopped picking ages out instead of staying frozen at
         # whatever the machine was doing when it was last timed.
@@ -82,6 +85,7 @@ class KPolicy:
             return
         self._idle[drafter] = 0
         self._record(self._step_s, drafter, draft_s / k)
+        self._read_s[drafter] = self.decay * self._read_s.get(drafter, 0.0) + (1 - self.decay) * read_s
         a = self._acc.setdefault(drafter, _Acceptance([], []))
         grow = max(0, k - len(a.hits))
         a.hits += [0.0] * grow
@@ -104,12 +108,13 @@ class KPolicy:
         w = self.prior_weight
         return [(a.hits[i] + w * overall) / (a.trials[i] + w) if i < len(a.hits) else overall for i in range(k)]
 
-    def expected_tokens(self, drafter: str, k: int) -> float:
-        run, total = 1.0, 1.0
-        for a in self.acceptance(drafter, k):
+    def expected_tokens(self, drafter: str, top: int) -> list[float]:
+        """E(k) for k = 0..top: 1 + sum_{i=1..k} prod_{j<=i} a_j (E(0) = 1: a plain step commits one token)."""
+        out, run = [1.0], 1.0
+        for a in self.acceptance(drafter, top):
             run *= a
-            total += run
-        return total
+            out.append(out[-1] + run)
+        return out
 
     def verify_cost(self, n: int) -> float:
         """t(n)/t(1): from the timed widths (a plain step is width 1), the prior slope until there are any."""
@@ -146,16 +151,18 @@ class KPolicy:
         mw, mt, slope = self._line
         return max(mt + slope * (n - mw), 1e-9)
 
+    def read_cost(self, drafter: str) -> float:
+        """u: what a drafting round of this drafter spends on average catching up on context it had not seen (the
+        prompt, rounds it sat out, a moved window), in target steps. A decayed mean over its drafting rounds, not a
+        median: a catch-up is rare and large, and a median would hide exactly the cost it must show."""
+        return self._read_s.get(drafter, 0.0) / self._t(1) if self._verify_s else 0.0
+
     def rates(self, drafter: str, top: int) -> list[float]:
-        """Expected tokens per target-step time when drafting k, for k = 0..top: E(k) / (t(k+1)/t(1) + k*c)."""
-        c, t1 = self.draft_step_cost(drafter), self._t(1) if self._verify_s else 1.0
-        out, run, e = [], 1.0, 1.0
-        for k, a in enumerate([1.0] + self.acceptance(drafter, top)):
-            run *= a
-            e += run if k else 0.0
-            t = self._t(k + 1) / t1 if self._verify_s else 1.0 + self.verify_slope * k
-            out.append(e / (t + k * c))
-        return out
+        """Expected tokens per target-step time when drafting k, for k = 0..top: E(k) / (t(k+1)/t(1) + k*c + u),
+        u the drafter's catch-up (0 for k = 0)."""
+        c, u = self.draft_step_cost(drafter), self.read_cost(drafter)
+        return [e / (self.verify_cost(k + 1) + k * c + (u if k else 0.0))
+                for k, e in enumerate(self.expected_tokens(drafter, top))]
 
     def _record(self, timings: dict, key, seconds: float) -> None:
         # a median of the last few: one round preempted by another process must not move the estimate

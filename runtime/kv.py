@@ -1,11 +1,17 @@
 """One exported decoder and its KV cache, one class per cache layout. The position is a host integer that changes
-in one guarded place (`_move`): a forward pass advances it, `rewind` moves it back, and rollback is nothing more.
+in one guarded place (`_move`): a pass advances it (`_advance`: forward, and a greedy draft chain as one pass),
+`rewind` moves it back, and rollback is nothing more.
 
 In-place layout (the model builder's GroupQueryAttention graphs): every buffer a step touches (token ids, the
 attention mask, the KV cache, logits, argmax) is allocated once on the session's device and bound through IOBinding,
-one binding per step size n; per step only the new ids and the mask cross from the host, and only what the caller
-asks for comes back (the greedy path reads n int64 argmax ids, never the logits). Fixed addresses per step size are
-what CUDA graphs need: with `cuda_graph=True` each decode/verify size is captured once and replayed afterwards.
+one binding per step size n (and rows m); per step only the new ids and the mask cross from the host, and only what
+the caller asks for comes back (the greedy path reads n int64 argmax ids, never the logits). Fixed addresses per
+step size are what CUDA graphs need: with `cuda_graph=True` each decode/verify size is captured once and replayed
+afterwards.
+
+Rows: a graph exported with the `logits_from` input (export/graphs.select_rows) computes the LM head for the last m
+positions of a step only. A prompt read asks for none (one is computed), a draft's catch-up feed for its last, a
+verify pass for all; a graph without the input computes all and the rest are dropped here.
 
 Concat layout (torch.onnx graphs): the graph returns past ++ new; rewinding slices a view. CPU only.
 """
@@ -27,6 +33,9 @@ _ORT = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 # Step sizes up to k + 1 (k <= 32) keep their buffers and binding, and get a captured CUDA graph: decode, verify and
 # the draft's catch-up feeds. Longer steps (prompts) allocate per call and run without a graph.
 BOUND_MAX_N = 33
+# The optional graph input that selects the rows reaching the LM head: int64 [1], a slice start over the step's
+# positions (-m: the last m; default 0: all, which is what onnxruntime-genai, never feeding it, gets).
+LOGITS_FROM = "logits_from"
 
 
 def open_model(bundle: str | Path, spec: ModelSpec, provider: str = "cpu", threads: int = 0,
@@ -53,6 +62,9 @@ class KVModel:
         outputs = {o.name: o.type for o in session.get_outputs()}
         self._logits_dtype = _ORT[outputs["logits"]]
         self._has_argmax = "argmax" in outputs
+        # An input with a default is an overridable initializer to onnxruntime, listed apart from the inputs.
+        inputs = session.get_inputs() + session.get_overridable_initializers()
+        self._selects_rows = any(i.name == LOGITS_FROM for i in inputs)
 
     @property
     def pos(self) -> int:
@@ -83,31 +95,65 @@ class KVModel:
         self.rewind(keep)
         return keep
 
-    def forward(self, ids, want: str | None = "logits") -> np.ndarray | None:
-        """Run the tokens; return their logits (n, vocab) float32, their argmax (n,) int64, or nothing (None)."""
+    def forward(self, ids, want: str | None = "logits", rows: int | None = None) -> np.ndarray | None:
+        """Run the n tokens at pos..pos+n-1; return the logits (rows, vocab) float32 or the argmax (rows,) int64 of
+        the last `rows` of them (all n when None), or nothing (want None: the graph computes a single row)."""
         ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)                  # (1, n)
-        n, p = ids.shape[1], self._pos
+        n = ids.shape[1]
+        m = 1 if want is None else n if rows is None else rows
+        if want is not None and rows is not None and not 1 <= rows <= n:
+            raise InvalidArgument(f"rows={rows} must be between 1 and the {n} tokens fed")
+        return self._advance(n, lambda p: (self._last(ids, p, m, want), ids[0]))
+
+    def _last(self, ids: np.ndarray, p: int, m: int, want: str | None) -> np.ndarray | None:
+        """_run for the last m rows of ids (1, n): only those reach the head where the graph selects rows; else all
+        are computed and the rest dropped here."""
+        n = ids.shape[1]
+        out = self._run(ids, p, n, m if self._selects_rows else n, want)
+        return out if out is None or len(out) == m else out[-m:]
+
+    def _advance(self, n: int, run) -> np.ndarray | None:
+        """The one place a pass moves the position forward: check that n tokens fit after pos, time `run(pos)`, then
+        move to pos + n and record the ids fed. `run` returns (output, the n ids fed): a chained draft learns its
+        ids by running. A pass that raises moves nothing."""
+        p = self._pos
         if n < 1 or p + n > self.spec.max_length:
             raise InvalidArgument(f"{n} tokens at position {p} do not fit the {self.spec.role} cache "
                                   f"({self.spec.max_length})")
         t = time.perf_counter()
-        out = self._run(ids, p, n, want)
+        out, fed = run(p)
         self.run_s += time.perf_counter() - t
         self._move(p + n)
-        self.seen[p:] = ids[0].tolist()
+        self.seen[p:] = np.asarray(fed).tolist()
         return out
 
-    def _run(self, ids: np.ndarray, p: int, n: int, want: str | None) -> np.ndarray | None:
+    def _run(self, ids: np.ndarray, p: int, n: int, m: int, want: str | None) -> np.ndarray | None:
+        """One pass over ids (1, n) at position p whose head computes the last m rows; what `want` asks of them."""
         raise NotImplementedError
 
     def greedy_chain(self, ids, k: int) -> np.ndarray:
         """Feed `ids`, then draft greedily: the k tokens that follow (k,) int64. The cache ends holding ids and the
         first k - 1 of them (the last is fed next round, and only if the target keeps it)."""
-        draft = np.empty(k, np.int64)                                          # (k,)
-        draft[0] = self.forward(ids, "argmax")[-1]
-        for i in range(1, k):
-            draft[i] = self.forward(draft[i - 1 : i], "argmax")[0]
+        return self._greedy(ids, k, self._host_steps)
+
+    def _greedy(self, ids, k: int, steps) -> np.ndarray:
+        """greedy_chain with its k - 1 one-token steps run by `steps(p, draft)`. Feed and steps are one pass to the
+        bookkeeping: refused before anything runs if they do not fit, one move, one record of what was fed."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)                  # (1, n)
+        n, draft = ids.shape[1], np.empty(k, np.int64)                         # (k,)
+
+        def run(p):
+            draft[0] = self._last(ids, p, 1, "argmax")[0]  # the catch-up feed: only its last row is read
+            steps(p + n, draft)
+            return None, [*ids[0], *draft[: k - 1]]
+
+        self._advance(n + k - 1, run)
         return draft
+
+    def _host_steps(self, p: int, draft: np.ndarray) -> None:
+        """draft[1:] (k,): one greedy step per token from position p, each id through the host."""
+        for i in range(1, len(draft)):
+            draft[i] = self._run(draft[None, i - 1 : i], p + i - 1, 1, 1, "argmax")[0]
 
     def _logits_out(self, logits: np.ndarray, want: str | None) -> np.ndarray | None:
         """logits (1, n, V) → what the caller wants, for graphs without (or paths not reading) the argmax output."""
@@ -130,16 +176,18 @@ class KVModel:
 
 @dataclass
 class _Step:
-    """What one step size n binds: ids (1, n) in; logits (1, n, vocab) and argmax (1, n) out. Host arrays are the
-    staging copies on a GPU and the buffers themselves on the CPU (the OrtValues wrap them without a copy)."""
+    """What one step of n tokens computing m rows binds: ids (1, n) in; logits (1, m, vocab) and argmax (1, m) out.
+    Host arrays are the staging copies on a GPU and the buffers themselves on the CPU (the OrtValues wrap them
+    without a copy)."""
     binding: ort.IOBinding
     ids: np.ndarray                          # (1, n) int64, host
     ids_ov: ort.OrtValue
-    logits: np.ndarray | None                # (1, n, vocab), host (CPU only)
+    logits: np.ndarray | None                # (1, m, vocab), host (CPU only)
     logits_ov: ort.OrtValue
-    argmax: np.ndarray | None                # (1, n) int64, host (CPU only)
+    argmax: np.ndarray | None                # (1, m) int64, host (CPU only)
     argmax_ov: ort.OrtValue | None
-    run_options: ort.RunOptions | None       # selects the captured CUDA graph for this n
+    run_options: ort.RunOptions | None       # selects the captured CUDA graph for this (n, m)
+    start: np.ndarray | None = None          # (1,) int64 logits_from = -m, host (Slice reads it there); m < n only
 
 
 class InplaceKV(KVModel):
@@ -164,21 +212,24 @@ class InplaceKV(KVModel):
         """The device buffer for host array `a`: the same memory on the CPU, a copy on the GPU."""
         return ort.OrtValue.ortvalue_from_numpy(a, self.device, 0)
 
-    def _step(self, n: int) -> _Step:
-        st = self._steps.get(n)
+    def _step(self, n: int, m: int) -> _Step:
+        st = self._steps.get((n, m))
         if st is not None:
             return st
         s, cpu = self.spec, self.device == "cpu"
         b = self.session.io_binding()
         ids = np.zeros((1, n), np.int64)
-        shape = (1, n, s.vocab_size)
+        shape = (1, m, s.vocab_size)
         logits = np.empty(shape, self._logits_dtype) if cpu else None  # on a GPU: read back only when asked for
         logits_ov = self._wrap(logits) if cpu else \
             ort.OrtValue.ortvalue_from_shape_and_type(shape, self._logits_dtype, self.device, 0)
-        argmax = np.zeros((1, n), np.int64) if self._has_argmax else None
+        argmax = np.zeros((1, m), np.int64) if self._has_argmax else None
         st = _Step(b, ids, self._wrap(ids), logits, logits_ov, argmax,
                    self._wrap(argmax) if argmax is not None else None, None)
         b.bind_ortvalue_input("input_ids", st.ids_ov)
+        if m < n:  # else the default: every row
+            st.start = np.array([-m], np.int64)
+            b.bind_ortvalue_input(LOGITS_FROM, ort.OrtValue.ortvalue_from_numpy(st.start))
         b.bind_ortvalue_input("attention_mask", self._mask_ov)
         for i in range(s.num_layers):
             for j, (past, present) in enumerate([(s.past_key, s.present_key), (s.past_value, s.present_value)]):
@@ -188,15 +239,17 @@ class InplaceKV(KVModel):
         if st.argmax_ov is not None:
             b.bind_ortvalue_output("argmax", st.argmax_ov)
         if self.cuda_graph:
-            # One captured graph per step size; a prompt runs without one (-1).
+            # One captured graph per step size and rows (ids n for all rows; past the chain's links for fewer); a
+            # prompt runs without one (-1).
+            graph = n if m == n else (BOUND_MAX_N + 1) * (m + 1) + n
             st.run_options = ort.RunOptions()
-            st.run_options.add_run_config_entry("gpu_graph_id", str(n) if n <= BOUND_MAX_N else "-1")
+            st.run_options.add_run_config_entry("gpu_graph_id", str(graph) if n <= BOUND_MAX_N else "-1")
         if n <= BOUND_MAX_N:  # keep decode/verify sizes, not every prompt length
-            self._steps[n] = st
+            self._steps[n, m] = st
         return st
 
-    def _run(self, ids, p, n, want):
-        st = self._step(n)
+    def _run(self, ids, p, n, m, want):
+        st = self._step(n, m)
         st.ids[0] = ids[0]
         if self.device != "cpu":          # host -> device: n ids and the mask, nothing else
             st.ids_ov.update_inplace(st.ids)
@@ -221,31 +274,30 @@ class InplaceKV(KVModel):
     def greedy_chain(self, ids, k):
         """Draft steps chained on the device: step i's in-graph argmax is bound as step i+1's input ids, so no token
         goes to the host and back between steps; the k - 1 ids are read once, after the chain."""
-        if not self._has_argmax or k == 1:
+        if not self._has_argmax or k - 1 > BOUND_MAX_N:  # one link per step after the first
             return super().greedy_chain(ids, k)
-        draft = np.empty(k, np.int64)                                          # (k,)
-        draft[0] = self.forward(ids, "argmax")[-1]
+        return self._greedy(ids, k, self._chained_steps)
+
+    def _chained_steps(self, p: int, draft: np.ndarray) -> None:
+        """draft[1:] (k,) through links 0..k-2 from position p, draft[0] in."""
+        k = len(draft)
+        if k == 1:
+            return
         ring, links = self._chain()
         ring[0][1][0, 0] = draft[0]
         if self.device != "cpu":
             ring[0][0].update_inplace(ring[0][1])
-        p = self._pos
         for i in range(k - 1):
             self._mask_for(p + i, 1)
-            t = time.perf_counter()
             self.session.run_with_iobinding(*links[i])
-            self.run_s += time.perf_counter() - t
-            self._move(p + i + 1)
         for i in range(1, k):
             draft[i] = (ring[i][1] if self.device == "cpu" else ring[i][0].numpy())[0, 0]
-        self.seen[p:] = draft[: k - 1].tolist()
-        return draft
 
     def _chain(self):
         """BOUND_MAX_N + 1 one-token id buffers R and one binding per link i: ids R[i] in, argmax R[i+1] out (the
         rest as a one-token step binds it). Built once."""
         if self._links is None:
-            s, one = self.spec, self._step(1)
+            s, one = self.spec, self._step(1, 1)
             host = [np.zeros((1, 1), np.int64) for _ in range(BOUND_MAX_N + 1)]  # (1, 1) each
             self._ring = [(self._wrap(h), h) for h in host]
             self._links = []
@@ -291,9 +343,11 @@ class ConcatKV(KVModel):
         self._outputs = ["logits"] + [t.format(i=i) for i in range(s.num_layers)
                                       for t in (s.present_key, s.present_value)]
 
-    def _run(self, ids, p, n, want):
+    def _run(self, ids, p, n, m, want):
         s = self.spec
         feeds = {"input_ids": ids, "attention_mask": self._mask[:, : p + n]}
+        if m < n:  # else the default: every row
+            feeds[LOGITS_FROM] = np.array([-m], np.int64)
         if "position_ids" in s.inputs:  # torch.onnx graphs take them; builder graphs derive them from the mask
             feeds["position_ids"] = self._pos_ids[:, p : p + n]
         for i in range(s.num_layers):

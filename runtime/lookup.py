@@ -9,8 +9,9 @@ from typing import Sequence
 
 import numpy as np
 
-from .drafter import Drafter
+from .drafter import Drafter, Proposal
 from .errors import InvalidArgument
+from .sampling import same_width
 
 
 class LookupDrafter:
@@ -23,6 +24,8 @@ class LookupDrafter:
     get no probabilities; sampling callers get one-hot rows, so verification accepts a draft x with probability
     q(x) and resamples from q without x (renormalised) on a rejection.
     """
+
+    reads_prompt = False   # the index catches up on new tokens at no model cost
 
     def __init__(self, vocab_size: int, temperature: float = 0.0, max_ngram: int = 3, min_ngram: int = 1,
                  repeat: bool = True):
@@ -41,14 +44,17 @@ class LookupDrafter:
         self.seq: list[int] = []                     # the tokens indexed so far (a copy: the caller's list moves)
         self.index: dict[tuple[int, ...], int] = {}  # n-gram -> end (exclusive) of its most recent occurrence
 
-    def propose(self, tokens: Sequence[int], k: int) -> tuple[np.ndarray, np.ndarray | None]:
+    def lead(self, tokens: Sequence[int]) -> str:
+        return "lookup"
+
+    def propose(self, tokens: Sequence[int], k: int) -> Proposal:
         self._sync(tokens)
         draft = np.asarray(self._continuation(k), np.int64)                          # (m,), m <= k
         if self.temperature == 0:
-            return draft, None
+            return Proposal(draft, None, "lookup")
         probs = np.zeros((len(draft), self.vocab_size))                                # (m, V) one-hot
         probs[np.arange(len(draft)), draft] = 1.0
-        return draft, probs
+        return Proposal(draft, probs, "lookup")
 
     def accepted(self, n: int) -> None:
         """Nothing to forget: the index holds committed tokens only, and they arrive with the next `tokens`."""
@@ -119,30 +125,27 @@ class HybridDrafter:
 
     def __init__(self, lookup: LookupDrafter, model: Drafter | None, min_match: int = 2):
         self.lookup, self.model, self.min_match = lookup, model, min_match
+        self.reads_prompt = model is not None and model.reads_prompt
         self.last = (0, 0)
 
-    def source(self, tokens: Sequence[int]) -> str:
-        """The drafter that would lead a proposal now: "lookup" when the tail matches, else "model" (for a policy
-        that keeps estimates per drafter). With no model, always "lookup"."""
+    def lead(self, tokens: Sequence[int]) -> str:
+        """"lookup" when the tail matches, else "model" (the policy keeps estimates per source). With no model,
+        always "lookup"."""
         return "lookup" if self.model is None or self.lookup.find(tokens)[0] >= self.min_match else "model"
 
     def propose(self, tokens, k):
-        lead = self.source(tokens) == "lookup"
-        draft, p = self.lookup.propose(tokens, k if lead else 0)                     # (m,), (m, V) | None
-        m = len(draft)
+        lead = self.lead(tokens)
+        look = self.lookup.propose(tokens, k if lead == "lookup" else 0)              # (m,), (m, V) | None
+        m = len(look.tokens)
         self.last = (m, 0)
         if m == k or self.model is None:
-            return draft, p
+            return look
         # The model drafter feeds whatever its cache has not seen (KVModel.reuse: longest common prefix), so
         # drafting after tokens + the looked-up part keeps its cache consistent with no extra bookkeeping.
-        more, q = self.model.propose([*tokens, *draft.tolist()], k - m)               # (k-m,), (k-m, Vd) | None
-        self.last = (m, len(more))
-        draft = np.concatenate([draft, more]).astype(np.int64)
-        if p is None or q is None:
-            return draft, None
-        w = max(p.shape[1], q.shape[1])  # padded vocabularies may differ in width: pad the narrower with zeros
-        return draft, np.concatenate([np.pad(p, ((0, 0), (0, w - p.shape[1]))),
-                                      np.pad(q, ((0, 0), (0, w - q.shape[1])))])
+        more = self.model.propose([*tokens, *look.tokens.tolist()], k - m)           # (k-m,), (k-m, Vd) | None
+        self.last = (m, len(more.tokens))
+        p = None if look.p is None or more.p is None else np.concatenate(same_width(look.p, more.p))
+        return Proposal(np.concatenate([look.tokens, more.tokens]), p, lead, more.read_s)
 
     def accepted(self, n):
         m, used = self.last

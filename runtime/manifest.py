@@ -10,7 +10,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from .config import DRAFTERS, MAX_K
+from .config import BundleDefaults
 from .errors import BundleError
 
 SCHEMA_VERSION = 1
@@ -75,7 +75,8 @@ class Manifest:
     compatibility: dict = field(default_factory=dict)
     parity: dict = field(default_factory=dict)
     tools: dict = field(default_factory=dict)
-    defaults: dict = field(default_factory=dict)  # e.g. {"k": 4}; `tune` writes its choice here
+    defaults: dict = field(default_factory=dict)  # e.g. {"k": 4}; `tune` writes its choice here (typed:
+                                                  # bundle_defaults(), Engine.defaults)
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> str:
@@ -117,14 +118,12 @@ class Manifest:
             for key in PARITY_NUMBERS & rec.keys():
                 _check(type(rec[key]) in (int, float), f"parity.{role}.{key}", f"must be a number, got "
                        f"{_kind(rec[key])}")
-        k = m.defaults.get("k", 4)
-        _check(type(k) is int and 1 <= k <= MAX_K, "defaults.k", f"must be an integer from 1 to {MAX_K}, got {k!r}")
-        for key in ("speculative", "adaptive"):
-            v = m.defaults.get(key, False)
-            _check(type(v) is bool, f"defaults.{key}", f"must be true or false, got {v!r}")
-        drafter = m.defaults.get("drafter", "model")
-        _check(drafter in DRAFTERS, "defaults.drafter", f"must be one of {', '.join(DRAFTERS)}, got {drafter!r}")
+        m.bundle_defaults()   # checked at load: a bad default is the bundle's fault, not a request's
         return m
+
+    def bundle_defaults(self) -> BundleDefaults:
+        """`defaults` typed (the dict stays as written, for tools that print it)."""
+        return BundleDefaults.from_manifest(self.defaults, has_draft=self.draft is not None)
 
 
 def _check(ok: bool, name: str, what: str) -> None:

@@ -65,7 +65,7 @@ def encode_prompt(prompt: str | Sequence[int] | np.ndarray, tokenizer: Tokenizer
     """A request's prompt as token ids that leave room for at least one new token in a `max_length` context."""
     ids = encode_text(name, prompt, tokenizer, max_length, longest) if isinstance(prompt, str) \
         else check_ids(name, prompt, vocab_size)
-    if not ids:
+    if not ids or (isinstance(prompt, str) and not prompt):   # "" may encode to a BOS token alone
         raise InvalidArgument(f"{name} is empty: give at least one character of text or one token id", name)
     if len(ids) >= max_length:
         raise InvalidArgument(f"{name} has {len(ids)} tokens but the bundle's context holds {max_length}: shorten "

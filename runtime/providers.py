@@ -30,6 +30,9 @@ def make_session(path: str, provider: str = "cpu", threads: int = 0, cuda_graph:
     CPU when a GPU provider cannot start, and CPU numbers must never be reported as GPU numbers."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Errors only: onnxruntime warns on every load that an input with a default (the graphs' `logits_from`, see
+    # kv.py) is an initializer it will not fold, which is the point of it; failures still raise.
+    opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads = threads
     if provider == "cpu":

@@ -34,6 +34,13 @@ def sample(probs: np.ndarray, rng: np.random.Generator) -> int:
     return int(min(np.searchsorted(c, rng.random() * c[-1], side="right"), len(c) - 1))
 
 
+def same_width(*dists: np.ndarray) -> list[np.ndarray]:
+    """Distributions [..., V_i] padded with zeros to the widest V: padded vocabularies (extra embedding rows) make a
+    draft's rows and the target's differ in width, and the padding rows never hold mass."""
+    w = max(d.shape[-1] for d in dists)
+    return [d if d.shape[-1] == w else np.pad(d, [(0, 0)] * (d.ndim - 1) + [(0, w - d.shape[-1])]) for d in dists]
+
+
 def verify_greedy(draft: np.ndarray, best: np.ndarray) -> tuple[int, int]:
     """draft [k] tokens, best [k+1] the target's argmax at the same positions and one past them. Accept the longest
     prefix equal to the target's choice.

@@ -6,6 +6,7 @@ before and after. The Python API raises a typed error from `specedge.runtime`, n
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -15,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 import click
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
@@ -140,7 +142,7 @@ CASES = [
     ("generate B --prompt-file MISSING", "--prompt-file"),
     ("generate B --prompt-file DIR", "--prompt-file"),
     ("generate B --prompt-file NONUTF8", "not valid UTF-8"),
-    ("generate B --prompt-file EMPTY", "the prompt is empty"),
+    ("generate B --prompt-file EMPTY", "prompt is empty"),
     ("generate B --prompt-file LOCKED", "--prompt-file"),
     *[(f"{G} --max-new-tokens {v}", "--max-new-tokens") for v in ("0", "-1", "1.5", "x", "''", "nan", "1e9")],
     *[(f"{G} --k {v}", "--k") for v in ("0", "-1", "33", "1.5", "x", "''")],
@@ -167,6 +169,8 @@ CASES = [
     ("bench B --prompts GOOD --plot DIR", "--plot"),
     ("bench B --prompts GOOD --plot NOPARENT", "--plot"),
     ("bench B --prompts GOOD --provider npu", "--provider"),
+    *[(f"bench B --prompts GOOD --threads {v}", "--threads") for v in ("-1", "x")],
+    *[(f"bench B --prompts GOOD --gguf {v}", "--gguf") for v in ("MISSING", "DIR")],
     # tune (it writes the manifest when it runs: a refusal must leave it as it was)
     ("tune B", "--prompts"),
     *[(f"tune B --prompts {v}", "--prompts") for v in ("MISSING", "DIR", "NONUTF8", "NUMBER", "NOTJSON", "EMPTY")],
@@ -215,6 +219,7 @@ CASES = [
     *[(f"demo --k {v}", "--k") for v in ("0", "33", "x")],
     ("demo --workdir FILE", "--workdir"),
     *[(f"demo --heldout {v}", "--heldout") for v in ("-1", "7", "x")],
+    *[(f"demo --repeats {v}", "--repeats") for v in ("0", "51", "x")],
     ("demo --model nope", "--model"),
     # the group itself
     ("frobnicate", "No such command"),
@@ -316,14 +321,17 @@ BAD_CONFIGS = [
     dict(max_new_tokens=True), dict(temperature=math.nan), dict(temperature=math.inf), dict(temperature=-1),
     dict(temperature="0.5"), dict(top_p=0), dict(top_p=1.5), dict(top_p=math.nan), dict(top_k=-1), dict(top_k=1.5),
     dict(k=0), dict(k=100), dict(k=2.0), dict(seed=-1), dict(seed=1.5), dict(seed="x"), dict(stop=("",)),
-    dict(stop="\n\n"), dict(stop=(5,)), dict(speculative="yes"),
+    dict(stop="\n\n"), dict(stop=(5,)), dict(speculative="yes"), dict(stop=("ok", "a\ud800b")), dict(drafter=["model"]),
+    dict(drafter="magic"), dict(adaptive=1), dict(draft_window=-1), dict(draft_window=2.5),
 ]
 
 
 @pytest.mark.parametrize("bad", BAD_CONFIGS, ids=[repr(b) for b in BAD_CONFIGS])
 def test_generation_config_validates_itself(bad):
-    with pytest.raises(InvalidArgument, match=next(iter(bad))):
+    with pytest.raises(InvalidArgument, match=next(iter(bad))) as e:
         GenerationConfig(**bad)
+    assert e.value.param.split("[")[0] == next(iter(bad))   # `param` names the field (stop[1]: the item)
+    str(e.value).encode("utf-8")                             # and the message never echoes a surrogate
 
 
 @pytest.fixture(scope="module")
@@ -342,3 +350,135 @@ def test_generate_refuses_bad_prompts(engine, prompt):
 def test_prompt_longer_than_the_context(engine):
     with pytest.raises(InvalidArgument, match="context holds"):
         engine.generate([5] * engine.max_length, max_new_tokens=4)
+
+
+# -- the Python API under abuse: every entry point raises a SpecError naming the argument ---------------------------
+# Text that includes category Cs (lone surrogates), which the default st.text() leaves out; and text made to hold one.
+ANY_TEXT = st.one_of(st.text(alphabet=st.characters(exclude_categories=()), max_size=12),
+                     st.tuples(st.text(max_size=6), st.sampled_from("\ud800\udbff\udc00\udfff"), st.text(max_size=6))
+                     .map("".join))
+ANY_VALUE = st.one_of(st.none(), st.booleans(), st.integers(-2, 2**40), st.floats(), ANY_TEXT,
+                      st.lists(st.integers(-1, 5), max_size=3), st.lists(ANY_TEXT, max_size=2))
+FIELDS = [f.name for f in dataclasses.fields(GenerationConfig)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(FIELDS), ANY_VALUE)
+def test_any_config_value_is_taken_or_refused_by_name(name, value):
+    try:
+        GenerationConfig(**{name: value})
+    except InvalidArgument as e:
+        assert e.param.split("[")[0] == name, (e.param, name)
+        str(e).encode("utf-8")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ANY_TEXT, ANY_TEXT)
+def test_any_text_prompt_or_stop_is_taken_or_refused_by_name(engine, prompt, stop):
+    try:
+        r = engine.generate(prompt, max_new_tokens=2, stop=(stop,) if stop else ())
+    except InvalidArgument as e:
+        # the request's settings are checked first, then the prompt
+        assert e.param == ("prompt" if _encodable(stop) else "stop[0]"), (e.param, prompt, stop)
+        assert e.param != "prompt" or prompt == "" or not _encodable(prompt)
+        str(e).encode("utf-8")
+    else:
+        assert _encodable(prompt) and _encodable(stop) and r.finish_reason in ("length", "eos", "stop")
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def test_surrogates_and_numpy_ids_through_every_text_entry(engine):
+    with pytest.raises(InvalidArgument, match="surrogate") as e:
+        engine.generate("def f():\ud800 x", max_new_tokens=2)
+    assert e.value.param == "prompt"
+    with pytest.raises(InvalidArgument, match="surrogate"):
+        engine.encode("x\udfff")
+    ids = engine.encode("def f(x):\n    return")
+    for arr in (np.array(ids, np.int64), np.array(ids, np.int32), np.array(ids, np.uint16)):
+        assert engine.generate(arr, max_new_tokens=3).token_ids == engine.generate(ids, max_new_tokens=3).token_ids
+    for bad in (np.array([ids]), np.array(ids, np.float32), np.array([-1, 2]), np.array([], np.int64)):
+        with pytest.raises(InvalidArgument) as e:
+            engine.generate(bad, max_new_tokens=3)
+        assert e.value.param == "prompt"
+
+
+@pytest.mark.parametrize("call,param", [
+    (lambda B: Engine(5), "bundle"),
+    (lambda B: Engine(B, provider=3), "provider"),
+    (lambda B: Engine(B, threads=-1), "threads"),
+    (lambda B: Engine(B, threads=1.5), "threads"),
+    (lambda B: Engine(B, verify="yes"), "verify"),
+    (lambda B: Engine(B, cuda_graph=None), "cuda_graph"),
+], ids=["bundle", "provider", "threads", "threads-float", "verify", "cuda_graph"])
+def test_engine_arguments(ws, call, param):
+    with pytest.raises(InvalidArgument) as e:
+        call(ws["B"])
+    assert e.value.param == param
+
+
+@pytest.mark.parametrize("kwargs,param", [
+    (dict(config="greedy"), "config"),
+    (dict(config=GenerationConfig(), k=2), "k"),
+    (dict(max_tokens=5), "max_tokens"),
+    (dict(timeout=-1), "timeout"),
+    (dict(timeout=math.nan), "timeout"),
+    (dict(custom_drafter=object()), "custom_drafter"),
+    (dict(k=64), "k"),
+    (dict(stop=["\udc80"]), "stop[0]"),
+], ids=lambda v: repr(v)[:30])
+def test_generator_arguments(engine, kwargs, param):
+    for entry in (engine.generator, engine.generate):
+        with pytest.raises(InvalidArgument) as e:
+            entry("def f(x):", **kwargs)
+        assert e.value.param == param
+    with pytest.raises(InvalidArgument) as e:
+        engine.generate("def f(x):", on_text="print")
+    assert e.value.param == "on_text"
+    assert engine.generate("def f(x):", max_new_tokens=2).finish_reason in ("length", "eos")   # still usable
+
+
+def test_generator_methods_after_misuse(engine):
+    g = engine.generator(None, max_new_tokens=4)
+    for bad in ("def", [1.5], np.array([[1]]), [engine.manifest.tokenizer.vocab_size], None):
+        with pytest.raises(InvalidArgument) as e:
+            g.append_tokens(bad)
+        assert e.value.param == "ids"
+    with pytest.raises(InvalidArgument) as e:
+        g.append_tokens([5] * engine.max_length)
+    assert e.value.param == "ids"
+    g.append_tokens(np.array(engine.encode("def f(x):"), np.int64))
+    first = next(iter(g))
+    with pytest.raises(InvalidArgument, match="after generation started") as e:
+        g.append_tokens([5])
+    assert e.value.param == "ids"
+    r = g.result()
+    assert r.token_ids[0] == first and list(g.text_deltas()) == [] and list(g) == []
+    g.cancel()
+    g.close()                                   # idempotent once finished
+    assert g.result().token_ids == r.token_ids and list(g.text_deltas()) == []
+    empty = engine.generator(None, max_new_tokens=4)
+    with pytest.raises(InvalidArgument, match="prompt is empty") as e:
+        list(empty)
+    assert e.value.param == "prompt" and empty.finish_reason == "error"
+    assert engine.generate("def f(x):", max_new_tokens=2).finish_reason in ("length", "eos")   # released
+
+
+@pytest.mark.parametrize("rel", ["target/model.onnx", "target/model.onnx.data", "draft/model.onnx", "tokenizer.json"])
+def test_engine_without_verify_on_a_truncated_file(ws, tmp_path, rel):
+    """verify=False skips the hashes: a truncated graph, its weights or the tokenizer is still a BundleError that
+    names the file, never onnxruntime's or tokenizers' own exception."""
+    b = tmp_path / "b"
+    shutil.copytree(ws["B"], b)
+    f = b / rel
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(BundleError, match=rel.replace(".", r"\.")):
+        Engine(b, verify=False)
+    with pytest.raises(BundleError, match="was modified after export"):
+        Engine(b)

@@ -29,7 +29,7 @@ def test_bench_json_contract_and_plot(bundles, prompts, tmp_path):
     assert r.exit_code == 0, r.output
     report = json.loads(out.read_text())
     names = [x["name"] for x in report["results"]]
-    assert names == ["plain", "spec-k1", "spec-k3", "lookup-k1", "lookup-k3", "hybrid-k1", "hybrid-k3",
+    assert names == ["plain", "model-k1", "model-k3", "lookup-k1", "lookup-k3", "hybrid-k1", "hybrid-k3",
                      "adaptive-model", "adaptive-hybrid"]           # the default: every drafter of ours
     for x in report["results"]:
         for key in ("name", "tokens_per_s", "ttft_ms", "alpha", "mean_accepted_length", "speedup_vs_plain"):
@@ -63,6 +63,7 @@ def test_tune_says_when_speculation_does_not_pay(bundles, prompts, tmp_path):
     r = CliRunner().invoke(main, ["tune", str(b), "--prompts", str(prompts), "--max-new-tokens", "10",
                                   "--drafters", "spec"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
+    assert r.output.count("warning: --drafters name 'spec' is deprecated: use 'model'") == 1   # bench's old name
     # a random-weight draft is never accepted: plain decoding must be recommended and become the default
     assert "speculation does not pay" in r.output and "acceptance" in r.output
     d = load_manifest(b, verify=True).defaults
@@ -147,13 +148,13 @@ def test_parting_at_a_real_tie_is_a_near_tie_and_elsewhere_a_break(tied):
     engine, ids, plain, twin = tied
     dtype, eos = engine.manifest.target.kv_dtype, engine.eos
     tie = classify(engine.target, ids, plain, [twin, *plain[1:]], dtype, eos)
-    assert tie["kind"] == "near-tie" and tie["position"] == 0 and tie["tokens"] == [plain[0], twin]
-    assert tie["margin"] <= tie["tolerance"] == pytest.approx(1e-5 * max(1.0, abs(next_logits(engine.target, ids).max())))
+    assert tie.kind == "near-tie" and tie.position == 0 and tie.tokens == [plain[0], twin]
+    assert tie.margin <= tie.tolerance == pytest.approx(1e-5 * max(1.0, abs(next_logits(engine.target, ids).max())))
     worst = int(next_logits(engine.target, ids).argmin())
     brk = classify(engine.target, ids, plain, [worst, *plain[1:]], dtype, eos)
-    assert brk["kind"] == "break" and brk["margin"] > 1.0
+    assert brk.kind == "break" and brk.margin > 1.0
     # a response that stopped: its token is an EOS, which is no tie here
-    assert classify(engine.target, ids, plain, plain[:2], dtype, eos)["kind"] == "break"
+    assert classify(engine.target, ids, plain, plain[:2], dtype, eos).kind == "break"
     assert engine.target.pos == 0  # the classifier leaves the cache empty
 
 
@@ -161,15 +162,16 @@ def test_bench_fails_on_breaks_only(tied):
     from specedge.runtime import Stats
 
     engine, ids, plain, twin = tied
-    runs = {"plain": [bench.Run(plain, Stats())], "spec-k2": [bench.Run([twin, *plain[1:]], Stats())],
-            "spec-k4": [bench.Run(plain, Stats())]}
+    from specedge.tools.exactness import Parting
+
+    runs = {"plain": [bench.Run(plain, Stats())], "model-k2": [bench.Run([twin, *plain[1:]], Stats())],
+            "model-k4": [bench.Run(plain, Stats())]}
     partings = bench.find_partings(engine, [ids], runs, 1)
-    assert [(p["config"], p["kind"]) for p in partings] == [("spec-k2", "near-tie")]
-    report = {"results": [{"name": "spec-k2", "near_ties": 1, "breaks": 0}]}
-    bench.check_exactness(report)  # a near-tie is reported, not failed
-    report["results"].append({"name": "spec-k4", "near_ties": 0, "breaks": 2})
-    with pytest.raises(SpecError, match=r"spec-k4 \(2 prompts\): exactness is broken"):
-        bench.check_exactness(report)
+    assert [(p.config, p.kind, p.prompt) for p in partings] == [("model-k2", "near-tie", 0)]
+    bench.check_exactness(partings)  # a near-tie is reported, not failed
+    breaks = [Parting(3, [1, 2], 4.0, 1e-5, "break", "model-k4", i) for i in (0, 1)]
+    with pytest.raises(SpecError, match=r"model-k4 \(2 prompts\): exactness is broken"):
+        bench.check_exactness(partings + breaks)
 
 
 def test_fp16_tolerance_is_two_fp16_steps():
@@ -186,16 +188,16 @@ def test_warm_up_covers_every_step_size_the_timed_runs_use(bundles):
     from specedge.tools.smoke import SMOKE_PROMPTS
 
     engine = Engine(bundles("llama"))
-    configs, _ = bench.make_configs(engine, (3,), ("plain", "spec"), bench.GREEDY, print)
+    configs, _ = bench.make_configs(engine, (3,), ("plain", "model"), bench.GREEDY, print)
     ids = [engine.encode(p) for p in SMOKE_PROMPTS]
     sizes = {"target": set(), "draft": set()}
     for role in sizes:
         model = getattr(engine, role)
         forward = model.forward
 
-        def recording(x, want="logits", forward=forward, seen=sizes[role]):
+        def recording(x, *args, forward=forward, seen=sizes[role], **kwargs):
             seen.add(len(x))
-            return forward(x, want)
+            return forward(x, *args, **kwargs)
         model.forward = recording
     bench.warm_up(engine, configs, ids, 20, (3,), every_prompt=True)
     warmed = {r: set(s) for r, s in sizes.items()}
@@ -243,15 +245,18 @@ def test_tune_writes_the_winning_draft_bundle(bundles, prompts, tmp_path, monkey
 
     def measured(bundle, prompts, max_new_tokens, k_range, progress=None, drafters=()):
         win = Path(bundle) == b
-        return {"bundle": str(bundle), "alpha": 0.8 if win else 0.6, "c": 0.05, "predicted": {3: 1.5},
-                "measured": {3: 1.6 if win else 1.2}, "best_k": 3 if win else 2, "best_speedup": 1.6 if win else 1.2,
-                "plain_tokens_per_s": 100.0, "mean_new_tokens": 10.0}
+        k = 3 if win else 2
+        return tune.Evaluation(bundle=str(bundle), alpha=0.8 if win else 0.6, c=0.05, t={1: 1.0}, predicted={k: 1.5},
+                               measured={f"model-k{k}": 1.6 if win else 1.2}, best_k=k,
+                               best_speedup=1.6 if win else 1.2, best_config=f"model-k{k}", best_tau=2.0,
+                               plain_tokens_per_s=100.0, mean_new_tokens=10.0)
     monkeypatch.setattr(tune, "measure", measured)
     r = CliRunner().invoke(main, ["tune", str(a), "--prompts", str(prompts), "--drafts", str(b)],
                            catch_exceptions=False)
     assert r.exit_code == 0, r.output
     assert f"written to {b / 'manifest.json'}" in r.output and f"Use {b} instead of {a}" in r.output
     assert load_manifest(b).defaults["k"] == 3 and load_manifest(b).defaults["speculative"] is True
+    assert load_manifest(b).defaults["drafter"] == "model" and load_manifest(b).defaults["adaptive"] is False
     assert load_manifest(a).defaults == {"k": 4}                        # untouched, as the CLI said
     load_manifest(b, verify=True)
 
@@ -267,13 +272,13 @@ def test_peers_that_do_not_apply_are_skipped_with_a_line(bundles, prompts, tmp_p
     (gpt2 / "manifest.json").write_text(dataclasses.replace(m, compatibility=comp).to_json())
     out = tmp_path / "r.json"
     r = CliRunner().invoke(main, ["bench", str(gpt2), "--prompts", str(prompts), "--max-new-tokens", "6", "--k", "2",
-                                  "--baselines", "plain,spec,ort-genai,hf-plain", "--json", str(out)],
+                                  "--baselines", "plain,model,ort-genai,hf-plain", "--json", str(out)],
                            catch_exceptions=False)
     assert r.exit_code == 0, r.output
     assert "skipping ort-genai: " in r.output and "genai_config.json" in r.output
     assert "skipping hf-plain: transformers needs the source checkpoints" in r.output
     report = json.loads(out.read_text())
-    assert [x["name"] for x in report["results"]] == ["plain", "spec-k2"]
+    assert [x["name"] for x in report["results"]] == ["plain", "model-k2"]
     assert set(report["skipped"]) == {"ort-genai", "hf-plain"}
 
 
@@ -297,8 +302,49 @@ def test_tune_does_not_recommend_a_gain_the_timing_model_cannot_explain(tmp_path
     """alpha 0 cannot be faster than plain: a measured 1.2x there is noise (a busy machine), not a recommendation."""
     from specedge.tools import tune
 
-    noisy = {"bundle": str(tmp_path), "alpha": 0.0, "c": 0.6, "predicted": {1: 0.6}, "measured": {1: 1.2},
-             "best_k": 1, "best_speedup": 1.2, "plain_tokens_per_s": 100.0, "mean_new_tokens": 10.0}
+    noisy = tune.Evaluation(bundle=str(tmp_path), alpha=0.0, c=0.6, t={1: 1.0}, predicted={1: 0.6},
+                            measured={"model-k1": 1.2}, best_k=1, best_speedup=1.2, best_config="model-k1",
+                            best_tau=1.0, plain_tokens_per_s=100.0, mean_new_tokens=10.0)
     out = tune.choose(tmp_path, [noisy])
-    assert out["choice"]["speculative"] is False and out["choice"]["written_to"] == str(tmp_path)
-    assert "is noise: α and c predict 0.60x" in out["reasons"][0] and "acceptance α = 0.00" in out["reasons"][1]
+    assert out.choice.speculative is False and out.choice.written_to == str(tmp_path)
+    assert "is noise: α and c predict 0.60x" in out.reasons[0] and "acceptance α = 0.00" in out.reasons[1]
+    assert json.loads(json.dumps(out.to_dict()))["choice"]["drafter"] == "model"   # a report serialises as it is
+
+
+def test_tune_reads_every_configuration_name_bench_writes(tmp_path):
+    """bench names configurations DRAFTER-kK and adaptive-DRAFTER, with the runtime's drafter names."""
+    from specedge.tools import tune
+
+    for config, drafter, adaptive in (("model-k4", "model", False), ("lookup-k2", "lookup", False),
+                                      ("hybrid-k8", "hybrid", False), ("adaptive-hybrid", "hybrid", True),
+                                      ("adaptive-lookup", "lookup", True)):
+        e = tune.Evaluation(bundle=str(tmp_path), alpha=0.9, c=0.05, t={1: 1.0}, predicted={4: 3.0},
+                            measured={config: 2.0}, best_k=4, best_speedup=2.0, best_config=config, best_tau=3.0,
+                            plain_tokens_per_s=100.0, mean_new_tokens=64.0)
+        ch = tune.choose(tmp_path, [e]).choice
+        assert (ch.speculative, ch.drafter, ch.adaptive) == (True, drafter, adaptive), config
+
+
+# -- issue 23: bench and smoke on a bundle without a draft model ------------------------------------------------------
+def test_bench_and_smoke_on_a_target_only_bundle(checkpoints, prompts, tmp_path):
+    """plain never asks for the draft model; model-drafter configurations and draft-model peers are skipped with
+    the reason; the old name `spec` still works, with one deprecation line."""
+    from specedge.export.bundle import ExportOptions, export_bundle
+    from specedge.tools import smoke
+
+    solo = tmp_path / "solo"
+    export_bundle(ExportOptions(target=checkpoints("llama")[0], draft=None, out=solo, max_length=128))
+    out = tmp_path / "r.json"
+    r = CliRunner().invoke(main, ["bench", str(solo), "--prompts", str(prompts), "--max-new-tokens", "6", "--k", "2",
+                                  "--baselines", "plain,spec,lookup,hybrid,adaptive,ort-genai,hf", "--json", str(out)],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert r.output.count("warning: --baselines name 'spec' is deprecated: use 'model'") == 1
+    assert "skipping model: " in r.output                      # the console may wrap the line
+    report = json.loads(out.read_text())
+    assert report["skipped"]["model"] == f"{solo} has no draft model"
+    assert [x["name"] for x in report["results"]] == ["plain", "lookup-k2", "hybrid-k2", "adaptive-lookup"]
+    assert set(report["skipped"]) == {"model", "ort-genai", "hf"} and all(report["outputs_identical"].values())
+    assert report["results"][0]["drafted"] == 0 and report["c"] == 0.0
+    s = smoke.smoke(solo, max_new_tokens=6, repeats=1)           # the bundle's default drafter: lookup
+    assert s.measurements.drafter == "lookup" and s.passed and json.loads(smoke.to_json(s))["measurements"]["k"] >= 1

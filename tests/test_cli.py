@@ -62,3 +62,47 @@ def test_check_self_speculation_and_windows(checkpoints):
     assert "sliding windows 16, 16" in r.output
     r = run("check", "--target", t, "--draft", t, "--draft-precision", "fp32")
     assert r.exit_code == 1 and "the draft is not cheaper than the target" in r.output
+
+
+def test_help_imports_no_heavy_module():
+    """`spec-export --help` and every command's --help load neither torch, transformers, onnxruntime-genai, the
+    exporters, the bench/tune/smoke tools nor the server: the heavy modules load inside the commands that use them."""
+    import subprocess
+    import sys
+
+    code = """if True:
+        import sys
+        from specedge.tools.cli import main
+        for args in [[], *[[name] for name in main.commands]]:
+            try:
+                main([*args, "--help"])
+            except SystemExit:
+                pass
+        heavy = ("torch", "transformers", "onnxruntime_genai", "uvicorn", "starlette", "matplotlib",
+                 "specedge.export", "specedge.tools.bench", "specedge.tools.tune", "specedge.tools.smoke",
+                 "specedge.tools.serve")
+        print(sorted(m for m in sys.modules if any(m == h or m.startswith(h + ".") for h in heavy)), file=sys.stderr)
+    """
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == "[]", r.stderr
+    assert "Commands:" in r.stdout and "--baselines" in r.stdout
+
+
+def test_help_examples_and_defaults():
+    from specedge.export.distill_card import KL_WEIGHT
+
+    gen = run("generate", "--help").output
+    assert "--prompt $'import os\\n'" in gen and '"import os\\n"' not in gen   # bash's $'...' sends a newline
+    assert f"Default: {KL_WEIGHT:g} (the recipe's KL_WEIGHT)" in run("distill", "--help").output
+
+
+def test_generate_with_nothing_drafted_has_no_alpha(bundles):
+    """A request whose rounds drafted nothing (here one new token: no room to draft) reports alpha as null / -."""
+    b = bundles("llama")
+    r = run("generate", b, "--prompt", "def f(x):", "--max-new-tokens", 1, "--drafter", "lookup", "--json")
+    assert r.exit_code == 0, r.output
+    stats = json.loads(r.output)["stats"]
+    assert stats["drafted"] == 0 and stats["alpha"] is None
+    r = run("generate", b, "--prompt", "def f(x):", "--max-new-tokens", 1, "--drafter", "lookup")
+    assert r.exit_code == 0 and "alpha=- " in r.output, r.output

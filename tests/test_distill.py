@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from specedge.export.distill import (DistillOptions, advice, bundle_card, carve, distill, predicted_speedup,
-                                     work_dir)
+from specedge.export.distill import DistillOptions, distill, work_dir
+from specedge.export.distill_card import advice, bundle_card
+from specedge.export.distill_models import carve
 from specedge.models import tiny
+from specedge.runtime.stats import predicted_speedup
 from specedge.tools.cli import main
 
 # Small and sharp: pure KL, a high learning rate, 4 x 32-token windows per step.
@@ -253,3 +255,19 @@ def test_carving_gemma3_slices_the_per_layer_attention_pattern():
     assert draft.config.layer_types == [cfg.layer_types[0], cfg.layer_types[5]]
     assert draft.config.layer_types[0] != draft.config.layer_types[1]
     assert draft.lm_head.weight.data_ptr() == draft.model.embed_tokens.weight.data_ptr()
+
+
+# -- the folder swap every exporter uses (bundle, distill, gguf) -------------------------------------------------------
+def test_replace_dir_swaps_whole_folders_and_puts_the_old_one_back_on_failure(tmp_path):
+    from specedge.export.osutil import replace_dir
+
+    out, new = tmp_path / "out", tmp_path / "new"
+    out.mkdir()
+    (out / "a").write_text("old")
+    new.mkdir()
+    (new / "b").write_text("new")
+    replace_dir(new, out)
+    assert [p.name for p in out.iterdir()] == ["b"] and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    with pytest.raises(FileNotFoundError):  # the second rename fails: `out` is the previous folder again
+        replace_dir(tmp_path / "missing", out)
+    assert [p.name for p in out.iterdir()] == ["b"] and sorted(p.name for p in tmp_path.iterdir()) == ["out"]

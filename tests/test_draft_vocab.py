@@ -35,6 +35,12 @@ def test_reduced_head_maps_back_to_target_ids(bundles, arch):
     outside = np.setdiff1d(np.arange(logits.shape[1]), kept)
     assert np.isneginf(logits[:, outside]).all() and np.isfinite(logits[:, kept]).all()
     assert (best == logits.argmax(-1)).all() and np.isin(best, kept).all()
+    # The rows are chosen before the sliced head (logits_from): the last rows alone equal those of the full pass.
+    for rows in (1, 3):
+        draft.rewind(0)
+        np.testing.assert_allclose(draft.forward(ids, rows=rows), logits[-rows:], rtol=0, atol=1e-5)
+        draft.rewind(0)
+        assert draft.forward(ids, want="argmax", rows=rows).tolist() == best[-rows:].tolist()
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

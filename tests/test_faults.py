@@ -316,3 +316,31 @@ def test_cancelled_from_another_thread_then_exact(bundles):
             assert engine.generate(p, max_new_tokens=48, k=3).token_ids == want[p].token_ids
         assert engine.generate(prompts[1], max_new_tokens=48, temperature=0.8, seed=7).token_ids == \
             sampled.token_ids
+
+
+
+def test_a_draft_chain_past_the_cache_moves_nothing(bundles):
+    """greedy_chain goes through the same guarded bookkeeping as forward: a feed and chain that would run past the
+    cache are refused before anything runs (position, seen tokens and cache rows unchanged); one that fits ends as
+    the host loop ends, its time counted."""
+    import numpy as np
+
+    from specedge.runtime.errors import InvalidArgument
+    from specedge.runtime.kv import InplaceKV, KVModel, open_model
+
+    engine = Engine(bundles("llama"))
+    d, host = engine.draft, open_model(engine.bundle, engine.draft.spec)
+    assert isinstance(d, InplaceKV) and d._has_argmax
+    L = d.spec.max_length
+    ids = list(range(3, L - 3))                                              # L - 6 tokens
+    for m in (d, host):
+        m.reset()
+        m.forward(ids[:-1], want=None)
+    before = (d.pos, list(d.seen), [a.copy() for a in d.kv(0)], d.run_s)
+    with pytest.raises(InvalidArgument, match="8 tokens at position .* do not fit the draft cache"):
+        d.greedy_chain(ids[-1:] + [7, 8], 6)                                 # 3 + 5 rows from L - 7: one too many
+    assert (d.pos, d.seen, d.run_s) == (before[0], before[1], before[3])
+    assert all(np.array_equal(a, b) for a, b in zip(d.kv(0), before[2]))
+    chained = d.greedy_chain(ids[-1:] + [7, 8], 5)                            # ends exactly at L
+    assert chained.tolist() == KVModel.greedy_chain(host, ids[-1:] + [7, 8], 5).tolist()
+    assert d.pos == host.pos == L and d.seen == host.seen and d.run_s > before[3]

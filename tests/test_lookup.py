@@ -48,8 +48,8 @@ def test_match_is_the_most_recent_occurrence_of_the_longest_suffix(tokens, sizes
         grown.append(t)
         n, end = brute_force(grown, lo, hi)
         assert d.find(grown) == (n, end)
-        draft, p = d.propose(grown, k)
-        assert p is None and draft.dtype == np.int64
+        draft, p = (prop := d.propose(grown, k)).tokens, prop.p
+        assert p is None and draft.dtype == np.int64 and prop.source == d.lead(grown) == "lookup"
         assert draft.tolist() == (copy_after(grown, end, k) if n else [])
 
 
@@ -101,13 +101,13 @@ def test_work_per_round_depends_on_new_tokens_only():
 
 def test_proposals_are_one_hot_when_sampling_and_may_be_short():
     d = LookupDrafter(10, temperature=0.8)
-    draft, p = d.propose([1, 2, 3, 4, 1, 2], 4)
+    prop = d.propose([1, 2, 3, 4, 1, 2], 4)
+    draft, p = prop.tokens, prop.p
     assert draft.tolist() == [3, 4, 1, 2] and p.shape == (4, 10)
     np.testing.assert_array_equal(p, np.eye(10)[draft])
-    draft, p = d.propose([1, 2, 3, 4, 1, 2, 3, 4, 5], 4)   # "5" never occurred before
-    assert draft.shape == (0,) and p.shape == (0, 10)
-    draft, _ = LookupDrafter(10, min_ngram=2).propose([7, 1, 5, 1], 3)  # only a 1-gram matches
-    assert draft.size == 0
+    prop = d.propose([1, 2, 3, 4, 1, 2, 3, 4, 5], 4)   # "5" never occurred before
+    assert prop.tokens.shape == (0,) and prop.p.shape == (0, 10)
+    assert LookupDrafter(10, min_ngram=2).propose([7, 1, 5, 1], 3).tokens.size == 0  # only a 1-gram matches
     with pytest.raises(InvalidArgument, match="min_ngram"):
         LookupDrafter(10, max_ngram=2, min_ngram=3)
 
@@ -117,8 +117,9 @@ def test_hybrid_without_a_draft_model_is_lookup():
     tokens = [1, 2, 3, 4, 1, 2, 9, 9, 4]
     h, d = HybridDrafter(LookupDrafter(10, 0.7), None), LookupDrafter(10, 0.7)
     for n in range(1, len(tokens) + 1):
-        (a, p), (b, q) = h.propose(tokens[:n], 3), d.propose(tokens[:n], 3)
-        assert a.tolist() == b.tolist() and np.array_equal(p, q) and h.source(tokens[:n]) == "lookup"
+        a, b = h.propose(tokens[:n], 3), d.propose(tokens[:n], 3)
+        assert a.tokens.tolist() == b.tokens.tolist() and np.array_equal(a.p, b.p) and h.lead(tokens[:n]) == "lookup"
+        assert not h.reads_prompt and a.source == "lookup"
         h.accepted(0)
 
 
@@ -175,8 +176,7 @@ def lookup_drafter(engine, c, rng):
 
 def hybrid_drafter(engine, c, rng, **lookup_options):
     return HybridDrafter(LookupDrafter(engine.manifest.target.vocab_size, c.temperature, **lookup_options),
-                         ModelDrafter(engine.draft, c.temperature, c.top_k, c.top_p, rng),
-                         min_match=1 if lookup_options else 2)
+                         ModelDrafter(engine.draft, c, rng), min_match=1 if lookup_options else 2)
 
 
 def topup_drafter(engine, c, rng):
@@ -187,22 +187,19 @@ def topup_drafter(engine, c, rng):
 @pytest.mark.parametrize("make", [lookup_drafter, hybrid_drafter, topup_drafter])
 def test_greedy_equals_plain_decoding(llama, make):
     oracle = target_model(llama)
-    llama.make_drafter = lambda name, c, rng: make(llama, c, rng)
-    try:
-        matched = 0
-        for prompt in PROMPTS + [REPETITIVE]:
-            ids = llama.encode(prompt)
-            ref = reference.greedy(oracle, ids, 40, llama.eos)
-            for k in (1, 2, 4, 8):
-                r = llama.generate(prompt, max_new_tokens=40, k=k)
-                assert r.token_ids == ref, (make.__name__, prompt, k)
-                s = r.stats
-                assert s.accepted <= s.drafted and sum(s.accept_hist) + s.rounds_plain == s.rounds
-                matched += s.accepted
-        # random weights rarely repeat 2 tokens of the prompt: the hybrid's lookup path is checked in the next test
-        assert matched > 0 or make is hybrid_drafter, "lookup never drafted a kept token: the test exercises nothing"
-    finally:
-        del llama.make_drafter
+    matched = 0
+    for prompt in PROMPTS + [REPETITIVE]:
+        ids = llama.encode(prompt)
+        ref = reference.greedy(oracle, ids, 40, llama.eos)
+        for k in (1, 2, 4, 8):
+            c = GenerationConfig(max_new_tokens=40, k=k, adaptive=False)
+            r = llama.generate(prompt, c, custom_drafter=make(llama, c, np.random.default_rng(0)))
+            assert r.token_ids == ref, (make.__name__, prompt, k)
+            s = r.stats
+            assert s.accepted <= s.drafted and sum(s.accept_hist) + s.rounds_plain == s.rounds
+            matched += s.accepted
+    # random weights rarely repeat 2 tokens of the prompt: the hybrid's lookup path is checked in the next test
+    assert matched > 0 or make is hybrid_drafter, "lookup never drafted a kept token: the test exercises nothing"
 
 
 @pytest.mark.parametrize("make", [hybrid_drafter, topup_drafter])
@@ -210,12 +207,11 @@ def test_hybrid_keeps_the_draft_cache_consistent(llama, make):
     """After every round the model drafted in, its cache holds a prefix of the committed tokens (what a fresh run
     holds), also when looked-up tokens before the model's were rejected; rounds drafted by lookup alone leave it
     alone (the next model proposal feeds what it has not seen)."""
-    c = GenerationConfig(max_new_tokens=40, k=6)
+    c = GenerationConfig(max_new_tokens=40, k=6, adaptive=False)
     paths = set()
     for prompt in (REPETITIVE, "0, 0, 0, 0, 0, 0, 0,"):   # the second repeats with a period shorter than k
         h = make(llama, c, np.random.default_rng(0))
-        g = llama.generator(prompt, c)
-        g.drafter = h
+        g = llama.generator(prompt, c, custom_drafter=h)
         while not g.finish_reason:
             g._advance()
             m, used = h.last
@@ -236,11 +232,10 @@ def test_sampling_follows_target_distribution(llama, make):
     cfg = dict(max_new_tokens=3, temperature=1.5, top_k=3)
     support = _support(target_model(llama), ids, cfg, llama.eos)
     n = 1500
-    llama.make_drafter = lambda name, c, rng: make(llama, c, rng)
-    try:
-        results = [llama.generate(ids, GenerationConfig(seed=seed, k=2, **cfg)) for seed in range(n)]
-    finally:
-        del llama.make_drafter
+    results = []
+    for seed in range(n):   # the drafter's own rng: its draws need only be independent of the verifier's
+        c = GenerationConfig(seed=seed, k=2, adaptive=False, **cfg)
+        results.append(llama.generate(ids, c, custom_drafter=make(llama, c, np.random.default_rng(n + seed))))
     assert sum(r.stats.drafted for r in results) > n // 2, "lookup should propose after a repeated tail"
     seqs = [tuple(r.token_ids) for r in results]
     assert set(seqs) <= set(support), "generated a sequence the target cannot produce"
@@ -282,7 +277,7 @@ def test_adaptive_k_stops_drafting_when_drafts_never_land(llama):
     and then (k = 0 rounds dominate), while fixed k drafts every round."""
     llama.policy = type(llama.policy)(k_max=llama.policy.k_max)   # a fresh policy: nothing learnt yet
     r = llama.generate("import os\n", GenerationConfig(max_new_tokens=60, k=4, drafter="model", adaptive=True))
-    fixed = llama.generate("import os\n", GenerationConfig(max_new_tokens=60, k=4, drafter="model"))
+    fixed = llama.generate("import os\n", GenerationConfig(max_new_tokens=60, k=4, drafter="model", adaptive=False))
     assert r.token_ids == fixed.token_ids
     assert fixed.stats.rounds_plain <= 1 and r.stats.rounds_plain > r.stats.rounds // 2, r.stats.k_hist
 
@@ -300,7 +295,7 @@ def test_target_only_bundle_drafts_by_lookup(checkpoints, tmp_path):
     assert r.exit_code == 0, r.output
     assert "no draft model: drafts by prompt lookup" in CliRunner().invoke(main, ["inspect", str(out)]).output
     engine = Engine(out)
-    assert engine.draft is None and engine.manifest.draft is None and engine.default_drafter == "lookup"
+    assert engine.draft is None and engine.manifest.draft is None and engine.defaults.drafter == "lookup"
     ref = reference.greedy(target_model(engine), engine.encode(REPETITIVE), 32, engine.eos)
     for drafter, adaptive in (("lookup", False), ("hybrid", False), (None, True)):
         got = engine.generate(REPETITIVE, GenerationConfig(max_new_tokens=32, k=4, drafter=drafter, adaptive=adaptive))

