@@ -16,7 +16,7 @@ decode rate on the selection half, for specedge (every configuration, plain incl
 its n-gram sweep) separately.
 
     python benchmarks/make_workloads.py --tokenizer BUNDLE/tokenizer.json --seed 23 --out benchmarks/workloads/gemma3
-    python benchmarks/gemma_vs_llamacpp.py                         # the full table (about an hour on 2 cores)
+    python benchmarks/gemma_vs_llamacpp.py             # the full table (1-2 hours on a quiet 2-core machine)
     python benchmarks/gemma_vs_llamacpp.py --prompts 2 --max-new-tokens 16 --runs 1 --name smoke   # a smoke
 
 Writes benchmarks/results/NAME.json and NAME.png. Needs llama-server (benchmarks/build_llama_cpp.sh), the Gemma

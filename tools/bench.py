@@ -27,6 +27,7 @@ from ..runtime.errors import InvalidArgument, SpecError
 from ..runtime.kv import KVModel
 from ..runtime.stats import predicted_speedup
 from .exactness import Parting, classify
+from .llamacpp import best_of
 
 GREEDY = GenerationConfig(temperature=0.0, seed=0)
 # Our own configurations, named by the runtime's drafters: baseline -> (drafter, adaptive k). Fixed-k ones run at
@@ -105,6 +106,7 @@ class Config:
     k: int | None
     run: Callable[[list[int], int], Run]           # (prompt ids, max new tokens) -> Run
     close: Callable[[], None] = lambda: None
+    compare: bool = True     # False: a peer on its own weight format (llama.cpp): its outputs are not partings
 
 
 @dataclass(frozen=True)
@@ -183,10 +185,11 @@ def run_bench(bundle: Path, prompts: list[str], max_new_tokens: int = 128, ks: t
             c.close()
     step_ms = measure_step_costs(engine, ks)
     greedy = sampling.temperature == 0
-    partings = find_partings(engine, ids * repeats, runs, len(ids)) if greedy else []
+    compared = {c.name: runs[c.name] for c in configs if c.compare}
+    partings = find_partings(engine, ids * repeats, compared, len(ids)) if greedy else []
     rows = [summarize(c.name, c.k, runs[c.name]) for c in configs]
-    rows = [dataclasses.replace(r, **_speedups(r, rows[0], step_ms), **_partings(r.name, partings, greedy))
-            for r in rows]
+    rows = [dataclasses.replace(r, **_speedups(r, rows[0], step_ms),
+                                **_partings(r.name, partings, greedy and r.name in compared)) for r in rows]
     return BenchReport(
         bundle=str(bundle), prompts=len(prompts), repeats=repeats, max_new_tokens=max_new_tokens,
         temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, seed=sampling.seed,
@@ -194,7 +197,7 @@ def run_bench(bundle: Path, prompts: list[str], max_new_tokens: int = 128, ks: t
         c=step_ms["draft"][1] / step_ms["target"][1],
         verify_cost={n: t / step_ms["target"][1] for n, t in step_ms["target"].items()},
         outputs_identical={name: [r.token_ids for r in rs] == [r.token_ids for r in runs["plain"]]
-                           for name, rs in runs.items() if all(r.ids_known for r in rs)} if greedy else None,
+                           for name, rs in compared.items() if all(r.ids_known for r in rs)} if greedy else None,
         partings=partings,
         acceptance_by_position={r.name: _by_position(r.accept_hist) for r in rows if len(r.accept_hist) > 1})
 
@@ -253,7 +256,7 @@ def make_configs(engine: Engine, ks, baselines, sampling: GenerationConfig, say,
             if peer.name in baselines and applies(peer.name, peer.needs_draft, lambda: peer.unavailable(setup)):
                 for name, k, start in peer.configs(setup):
                     p = start()
-                    configs.append(Config(name, k, _peer_run(p, sampling), p.close))
+                    configs.append(Config(name, k, _peer_run(p, sampling), p.close, peer.same_weights))
     except BaseException:
         for c in configs:  # the peers already started hold sessions and temporary folders
             c.close()
@@ -397,6 +400,9 @@ def table(report: BenchReport) -> str:
                     f"{r.tokens_per_s_end_to_end:6.1f} {r.ttft_ms:8.1f} {r.tpot_p50_ms:6.2f}/{r.tpot_p99_ms:<6.2f} "
                     f"{a:>6} {t:>5} {s} {p:>9} {tb:>11}")
     vc = " ".join(f"{n}:{v:.2f}" for n, v in report.verify_cost.items())
+    best = best_of(report.results)
+    if best:
+        rows.append(f"llama.cpp-ngram's best: {best.name} ({best.tokens_per_s:.1f} tok/s)")
     rows.append("tok/s: the decode rate after the first token (median, p10-p90); e2e: new tokens / request time")
     rows.append(f"verify cost t(n)/t(1): {vc}   draft cost ratio c = {report.c:.3f}")
     if report.temperature == 0:

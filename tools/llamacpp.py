@@ -187,10 +187,10 @@ class LlamaCpp:
         self.server.close()
 
 
-def best_of(results: list[dict], key: str = "tokens_per_s", prefix: str = "llama.cpp-ngram") -> dict | None:
-    """The best row among the n-gram configurations of a bench report's results (by `key`), or None."""
-    rows = [r for r in results if r["name"].startswith(prefix)]
-    return max(rows, key=lambda r: r[key]) if rows else None
+def best_of(rows, rate=lambda r: r.tokens_per_s):
+    """The fastest of llama.cpp's n-gram configurations among a bench report's result rows, or None."""
+    ngram = [r for r in rows if r.name.startswith("llama.cpp-ngram")]
+    return max(ngram, key=rate) if ngram else None
 
 
 def llama_bench(gguf: Path, threads: int = 2, binary: Path | None = None, prompt: int = 512, gen: int = 64) -> dict:
