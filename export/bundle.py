@@ -27,7 +27,7 @@ class ExportOptions:
     target: Path
     draft: Path | None                    # None: a target-only bundle, which drafts by prompt lookup
     out: Path
-    target_precision: str | None = None   # default: fp32 on cpu/trt, fp16 on cuda/rtx
+    target_precision: str | None = None   # default: auto on cpu (int4, int8 or fp32), fp32 on trt, fp16 on cuda/rtx
     draft_precision: str | None = None    # default: int4; fp8 on trt
     device: str = "cpu"                   # cpu | cuda | rtx (TensorRT-RTX) | trt (native TensorRT)
     max_length: int | None = None         # None: DEFAULT_MAX_LENGTH, or less if either model's limit is lower
@@ -56,7 +56,8 @@ def export_bundle(o: ExportOptions, progress=None, log=None) -> Manifest:
     tmp, created = _make_partial(out, log or (lambda text: None))
     try:
         say(0, 6, "checking compatibility")
-        verdict = check_pair(Path(o.target), Path(o.draft), tp, dp) if o.draft else check_target(Path(o.target), tp)
+        ctp = "fp32" if tp == "auto" else tp   # the byte ratio judged at the precision auto falls back to
+        verdict = check_pair(Path(o.target), Path(o.draft), ctp, dp) if o.draft else check_target(Path(o.target), ctp)
         require_compatible(verdict)
         o, context_note = _context_length(o, verdict)
         say(0, 6, f"context length {o.max_length}: {context_note}")
@@ -160,10 +161,12 @@ def _precisions(o: ExportOptions) -> tuple[str, str]:
                               "leave them out for a target-only bundle (prompt lookup drafts)")
     if o.device not in ("cpu", "cuda", "rtx", "trt"):
         raise InvalidArgument(f"--device {o.device!r} must be cpu, cuda, rtx (TensorRT-RTX) or trt (native TensorRT)")
-    tp = o.target_precision or ("fp16" if o.device in ("cuda", "rtx") else "fp32")
+    tp = o.target_precision or {"cpu": "auto", "trt": "fp32"}.get(o.device, "fp16")
     dp = o.draft_precision or ("fp8" if o.device == "trt" else "int4")
+    if tp == "auto" and o.device != "cpu":
+        raise InvalidArgument(f"--target-precision auto is for --device cpu; for --device {o.device} leave it out")
     for name, p in (("target", tp), ("draft", dp)):
-        if p not in PRECISIONS:
+        if p not in PRECISIONS and (name, p) != ("target", "auto"):
             raise InvalidArgument(f"--{name}-precision {p!r} is not one of {', '.join(PRECISIONS)}")
     if tp == "fp8":
         raise InvalidArgument("fp8 is for drafts only: a target keeps fp32/fp16 so verification stays exact")
@@ -208,9 +211,21 @@ def _build(o: ExportOptions, tp: str, dp: str, verdict, tmp: Path, say, context_
     for step, (role, src, precision, info) in enumerate(
             [("target", o.target, tp, verdict.target), ("draft", o.draft, dp, verdict.draft)][: 1 + bool(o.draft)]):
         t0 = time.perf_counter()
-        say(1 + 2 * step, 6, f"building the {role} graph ({precision}, {o.device})")
         rows = head_rows if role == "draft" else None
-        facts = build_graph(Path(src), tmp / role, precision, o.device, log, prompts, rows)
+        # A quantized CPU target starts as the fp32 graph; _quantize_target keeps it or a quantized copy.
+        quantize = role == "target" and o.device == "cpu" and precision in ("auto", "int4", "int8")
+        built = "fp32" if quantize else precision
+        say(1 + 2 * step, 6, f"building the {role} graph ({built}, {o.device})")
+        facts = build_graph(Path(src), tmp / role, built, o.device, log, prompts, rows)
+        quantization = {}
+        if quantize:
+            precision, quantization = _quantize_target(o, precision, facts, tmp, tok, say, log)
+            facts = dict(facts, min_step=quantization["min_step"])
+            room = _graph_context(tmp / role) - facts["min_step"] + 1
+            if o.max_length > room:  # a padded step at the last position writes rows past it: they need rotary room
+                o = dataclasses.replace(o, max_length=room)
+                context_note += f"; {facts['min_step'] - 1} less for the padded steps of the {precision} target"
+                prompts = [p[:room] for p in prompts]
         spec = ModelSpec(role=role, architecture=info.architecture, model_type=info.model_type,
                          parameters=info.parameters, precision=precision, provider=o.device,
                          graph=f"{role}/model.onnx", max_length=o.max_length, rewindable=info.rewindable, **facts)
@@ -227,6 +242,8 @@ def _build(o: ExportOptions, tp: str, dp: str, verdict, tmp: Path, say, context_
                 raise ExportError(f"the target graph failed validation: {why}. Nothing was written to {o.out}; "
                                   f"try --target-precision fp32, and see {log.name} in the error's context")
         rec["reference"] = "PyTorch fp32 checkpoint" + (" (the unquantized draft)" if role == "draft" else "")
+        if quantization:
+            rec["quantization"] = quantization
         specs[role], records[role], timings[role] = spec, rec, round(time.perf_counter() - t0, 2)
     if o.draft and (Path(o.draft) / DISTILL_CARD).is_file():  # a distilled draft's record: tune compares alpha on
         shutil.copy(Path(o.draft) / DISTILL_CARD, tmp / "draft" / DISTILL_CARD)  # the user's prompts with it
@@ -245,6 +262,52 @@ def _build(o: ExportOptions, tp: str, dp: str, verdict, tmp: Path, say, context_
     return manifest
 
 
+def _quantize_target(o: ExportOptions, precision: str, facts: dict, tmp: Path, tok, say, log: Path) -> tuple[str, dict]:
+    """--target-precision auto|int4|int8 on the CPU, the fp32 graph built in tmp/target: keep a weight-only
+    quantized copy (export/quantize.py) only if it computes every row bit for bit the same at every step width
+    1..MAX_K+1 once steps are padded to min_step tokens. auto tries int4, then int8 (each also within MIN_TOP1 of
+    fp32 on held-out text), then keeps fp32; an explicit int4/int8 that is not exact is an ExportError. Returns
+    (precision, the manifest's record: precision, min_step, reasons, step check, distance to fp32)."""
+    import json
+    from importlib.resources import files
+
+    from .quantize import MIN_TOP1, WIDTHS, choose_precision
+
+    if facts["kv_layout"] != "inplace":  # torch.onnx graphs: the quantizer and the padded runtime are the builder's
+        if precision != "auto":
+            raise ExportError(f"a {precision} CPU target needs a model-builder graph (in-place KV), and this "
+                              f"architecture exports through torch.onnx; use --target-precision fp32")
+        why = "fp32: a torch.onnx graph (concat KV), which is not quantized"
+        say(1, 6, f"target precision {why}")
+        return "fp32", {"precision": "fp32", "min_step": 1, "reasons": [why]}
+    n = max(WIDTHS)
+    ids = parity.long_prompt(tok, 2 * (2 * n + 1))
+    steps = [ids[: 2 * n + 1], ids[2 * n + 1 :]]   # n tokens of prefix, then the n stepped at every width
+    lines = files("specedge.tools").joinpath("data", "heldout.jsonl").read_text(encoding="utf-8").splitlines()
+    heldout = [tok.encode(json.loads(line)["prompt"]).ids[:128] for line in lines]   # + 32 greedy tokens each
+    say(1, 6, f"checking the target's precision ({precision}): quantized rows at step widths 1..{n}, distance to fp32")
+    auto = precision == "auto"
+    choice = choose_precision(tmp / "target", tmp / ".quantized", steps, heldout,
+                              candidates=("int4", "int8") if auto else (precision,),
+                              min_top1=MIN_TOP1 if auto else 0.0)
+    with open(log, "a") as f:
+        f.writelines(f"target precision {r}\n" for r in choice.reasons)
+    for r in choice.reasons:
+        say(1, 6, f"target precision {r}")
+    if choice.precision != "fp32":
+        shutil.rmtree(tmp / "target")
+        (tmp / ".quantized" / choice.precision).rename(tmp / "target")
+    shutil.rmtree(tmp / ".quantized", ignore_errors=True)
+    if not auto and choice.precision != precision:
+        raise ExportError(f"the {precision} target is not exact: {choice.reasons[0]}; use --target-precision auto "
+                          f"or fp32")
+    record = {"precision": choice.precision, "min_step": choice.min_width, "reasons": list(choice.reasons)}
+    if choice.report is not None:
+        record |= {"step_check": choice.report.summary(), "step_exact": choice.report.exact,
+                   "distance_to_fp32": choice.distance.to_dict() | {"heldout_prompts": len(heldout)}}
+    return choice.precision, record
+
+
 def _defaults(o: ExportOptions, tok) -> dict:
     """The runtime's defaults; the tokenizer's fill-in-the-middle tokens, when it has them, go here too (a free-form
     dict: the schema stays at its version, and older bundles fall back to scanning the tokenizer)."""
@@ -252,6 +315,13 @@ def _defaults(o: ExportOptions, tok) -> dict:
 
     fim = fim_tokens(tok)
     return {"k": o.k} | ({"fim": fim} if fim else {})
+
+
+def _graph_context(graph_dir: Path) -> int:
+    """The positions a builder graph's rotary cache covers (GroupQueryAttention refuses any past them)."""
+    import json
+
+    return json.loads((graph_dir / "genai_config.json").read_text())["model"]["context_length"]
 
 
 def _max_positions(model_dir: Path) -> int | None:

@@ -22,6 +22,7 @@ minimum width makes width 33 exact and `choose_precision` falls back.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,13 +46,17 @@ def quantize_graph(src: Path, out: Path, bits: int = 4, block_size: int = BLOCK_
     Returns out/model.onnx."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    from .draft_vocab import lm_head
     from .graphs import _untie_transposed_weights
+
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)   # a line per node otherwise
 
     src, out = Path(src), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model = onnx.load(str(src / "model.onnx"))
     _untie_transposed_weights(model)   # a tied head read through Transpose gets its own (quantizable) copy
-    head = next(n.name for n in model.graph.node if "logits" in n.output and n.op_type == "MatMul")
+    head = lm_head(model.graph, {o: n for n in model.graph.node for o in n.output})  # through softcapping too
+    head = head.name if head is not None else ""
     passes = [(bits, [*exclude, head] if head_bits not in (None, bits) else list(exclude), None)]
     if head_bits not in (None, bits):
         passes.append((head_bits, list(exclude), [head]))   # second pass: the head alone

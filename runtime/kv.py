@@ -13,6 +13,9 @@ Rows: a graph exported with the `logits_from` input (export/graphs.select_rows) 
 positions of a step only. A prompt read asks for none (one is computed), a draft's catch-up feed for its last, a
 verify pass for all; a graph without the input computes all and the rest are dropped here.
 
+Padding: a graph whose spec.min_step > 1 (a quantized CPU target) runs every step as at least min_step tokens, so
+its rows never depend on the step's width (KVModel._last says why).
+
 Concat layout (torch.onnx graphs): the graph returns past ++ new; rewinding slices a view. CPU only.
 """
 from __future__ import annotations
@@ -107,10 +110,22 @@ class KVModel:
 
     def _last(self, ids: np.ndarray, p: int, m: int, want: str | None) -> np.ndarray | None:
         """_run for the last m rows of ids (1, n): only those reach the head where the graph selects rows; else all
-        are computed and the rest dropped here."""
+        are computed and the rest dropped here. Every pass runs through here.
+
+        Padding, the one place: a step narrower than spec.min_step is run as min_step tokens (its last id
+        repeated), and the head computes at least min_step rows. onnxruntime's CPU kernels (MLAS) compute a
+        one-row product with other kernels (GEMV, MatMulNBits' M = 1 path) than a row of a wider product; with
+        int8 activations (quantized targets) that float rounding flips greedy tokens, so a verify pass and plain
+        decoding would part. Padded, every row is computed the same way whatever the step's width (the export
+        checks it bit for bit, export/quantize.py). The pad rows' outputs are dropped; their KV rows lie past the
+        position, so the mask hides them and the next step overwrites them."""
         n = ids.shape[1]
-        out = self._run(ids, p, n, m if self._selects_rows else n, want)
-        return out if out is None or len(out) == m else out[-m:]
+        pad = max(0, self.spec.min_step - n)
+        if pad:
+            ids = np.concatenate([ids, np.repeat(ids[:, -1:], pad, axis=1)], axis=1)   # (1, min_step)
+        head = min(n + pad, max(m + pad, self.spec.min_step)) if self._selects_rows else n + pad
+        out = self._run(ids, p, n + pad, head, want)
+        return None if out is None else out[len(out) - pad - m : len(out) - pad]
 
     def _advance(self, n: int, run) -> np.ndarray | None:
         """The one place a pass moves the position forward: check that n tokens fit after pos, time `run(pos)`, then
@@ -153,7 +168,7 @@ class KVModel:
     def _host_steps(self, p: int, draft: np.ndarray) -> None:
         """draft[1:] (k,): one greedy step per token from position p, each id through the host."""
         for i in range(1, len(draft)):
-            draft[i] = self._run(draft[None, i - 1 : i], p + i - 1, 1, 1, "argmax")[0]
+            draft[i] = self._last(draft[None, i - 1 : i], p + i - 1, 1, "argmax")[0]
 
     def _logits_out(self, logits: np.ndarray, want: str | None) -> np.ndarray | None:
         """logits (1, n, V) → what the caller wants, for graphs without (or paths not reading) the argmax output."""
@@ -197,12 +212,12 @@ class InplaceKV(KVModel):
     def __init__(self, spec: ModelSpec, session: ort.InferenceSession, cuda_graph: bool = False):
         super().__init__(spec, session)
         self.cuda_graph = cuda_graph and self.device == "cuda"
-        s, L = spec, spec.max_length
+        s, L = spec, spec.max_length + spec.min_step - 1   # room for a padded step at the end of the context
         # The mask's length never changes, so it is bound once (GroupQueryAttention counts the ones; the zeros hide
         # stale rows past a rewind).
-        self._mask = np.zeros((1, L), np.int64)                                # (1, max_length)
+        self._mask = np.zeros((1, L), np.int64)                                # (1, max_length + min_step - 1)
         self._mask_ov, self._ones = self._wrap(self._mask), 0
-        shape = (1, s.num_kv_heads, L, s.head_dim)
+        shape = (1, s.num_kv_heads, L, s.head_dim)                             # L = max_length + min_step - 1
         self._kv = [self._wrap(np.zeros(shape, _NP[s.kv_dtype])) for _ in range(2 * s.num_layers)]  # 2*layers x shape
         self._steps: dict[int, _Step] = {}
         self._ring: list[tuple[ort.OrtValue, np.ndarray]] = []   # draft chaining (greedy_chain), built on first use
@@ -274,7 +289,8 @@ class InplaceKV(KVModel):
     def greedy_chain(self, ids, k):
         """Draft steps chained on the device: step i's in-graph argmax is bound as step i+1's input ids, so no token
         goes to the host and back between steps; the k - 1 ids are read once, after the chain."""
-        if not self._has_argmax or k - 1 > BOUND_MAX_N:  # one link per step after the first
+        # One link per step after the first; links are one-token steps, so a padded graph drafts on the host.
+        if not self._has_argmax or k - 1 > BOUND_MAX_N or self.spec.min_step > 1:
             return super().greedy_chain(ids, k)
         return self._greedy(ids, k, self._chained_steps)
 
@@ -335,6 +351,8 @@ class ConcatKV(KVModel):
         if self.device != "cpu":
             raise InvalidArgument(f"{spec.graph} is a torch.onnx graph (concat KV), which runs on the CPU only; "
                                   f"export a family the model builder supports for the GPU")
+        if spec.min_step > 1:  # the export never quantizes a concat graph; padding would need the cache cut back
+            raise InvalidArgument(f"{spec.graph} (concat KV) cannot pad steps to {spec.min_step} tokens; re-export it")
         s, L = spec, spec.max_length
         empty = np.zeros((1, s.num_kv_heads, 0, s.head_dim), _NP[s.kv_dtype])
         self.cache = [empty] * (2 * s.num_layers)                          # 2*layers x (1, kv_heads, pos, head_dim)

@@ -53,6 +53,10 @@ class ModelSpec:
     # The hash is of the kept target ids, int64 little-endian, sorted.
     draft_vocab: int = 0
     vocab_map_sha256: str = ""
+    # Optional: the runtime pads every step of this graph to at least `min_step` tokens (kv.py KVModel._last): an
+    # int8-compute quantized CPU target is exact only then (export/quantize.py). Its KV buffers and mask hold
+    # max_length + min_step - 1 rows so a padded step at the end of the context fits; positions stay < max_length.
+    min_step: int = 1
 
 
 @dataclass(frozen=True)
@@ -104,8 +108,10 @@ class Manifest:
             _check(s.role == role, f"{role}.role", f"must be {role!r}, got {s.role!r}")
             _check(s.kv_layout in ("inplace", "concat"), f"{role}.kv_layout",
                    f"must be 'inplace' or 'concat', got {s.kv_layout!r}")
-            for name in ("num_layers", "num_kv_heads", "head_dim", "vocab_size", "max_length"):
+            for name in ("num_layers", "num_kv_heads", "head_dim", "vocab_size", "max_length", "min_step"):
                 _check(getattr(s, name) >= 1, f"{role}.{name}", f"must be at least 1, got {getattr(s, name)}")
+            _check(s.min_step == 1 or s.kv_layout == "inplace", f"{role}.min_step",
+                   f"must be 1 for the concat layout, got {s.min_step}")
             _check(_inside(s.graph), f"{role}.graph", f"must be a relative path inside the bundle, got {s.graph!r}")
         for i, f in enumerate(m.tokenizer.files):
             _check(_inside(f), f"tokenizer.files[{i}]", f"must be a relative path inside the bundle, got {f!r}")

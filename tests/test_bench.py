@@ -130,7 +130,8 @@ def tied(checkpoints, bundles, tmp_path_factory):
     for f in target.iterdir():
         if "token" in f.name:
             shutil.copy(f, d / "target" / f.name)
-    export_bundle(ExportOptions(target=d / "target", draft=draft, out=d / "bundle", max_length=64))
+    export_bundle(ExportOptions(target=d / "target", draft=draft, out=d / "bundle", max_length=64,
+                                target_precision="fp32"))
     engine = Engine(d / "bundle")
     ids = engine.encode(PROMPT)
     plain = engine.generate(ids, max_new_tokens=6, speculative=False).token_ids
@@ -333,7 +334,8 @@ def test_bench_and_smoke_on_a_target_only_bundle(checkpoints, prompts, tmp_path)
     from specedge.tools import smoke
 
     solo = tmp_path / "solo"
-    export_bundle(ExportOptions(target=checkpoints("llama")[0], draft=None, out=solo, max_length=128))
+    export_bundle(ExportOptions(target=checkpoints("llama")[0], draft=None, out=solo, max_length=128,
+                                target_precision="fp32"))
     out = tmp_path / "r.json"
     r = CliRunner().invoke(main, ["bench", str(solo), "--prompts", str(prompts), "--max-new-tokens", "6", "--k", "2",
                                   "--baselines", "plain,spec,lookup,hybrid,adaptive,ort-genai,hf", "--json", str(out)],

@@ -88,7 +88,8 @@ def long_bundle(tmp_path_factory, tok_dir):
     only (drafting by prompt lookup), which halves the export time."""
     root = tmp_path_factory.mktemp("long")
     target = tiny.build_tiny(root / "target", "llama", tok_dir, max_pos=2048)
-    export_bundle(ExportOptions(target=target, draft=None, out=root / "bundle", max_length=2048))
+    export_bundle(ExportOptions(target=target, draft=None, out=root / "bundle", max_length=2048,
+                                target_precision="fp32"))
     return root / "bundle"
 
 
@@ -212,7 +213,8 @@ def test_export_lines_are_not_interleaved_with_progress_bars(tok_dir, tmp_path, 
     hf_logging.enable_progress_bar()   # as in a fresh process (an earlier export in this one turned them off)
     target = tiny.build_tiny(tmp_path / "target", "llama", tok_dir, layers=1, hidden=64, heads=4, kv_heads=2, inter=128)
     capfd.readouterr()
-    export_bundle(ExportOptions(target=target, draft=None, out=tmp_path / "bundle", max_length=64),
+    export_bundle(ExportOptions(target=target, draft=None, out=tmp_path / "bundle", max_length=64,
+                                target_precision="fp32"),
                   progress=lambda i, n, text: print(f"  [{i}/{n}] {text}", file=sys.stderr))
     err = capfd.readouterr().err
     assert "[5/6]" in err and "Loading weights" not in err and "it/s]" not in err
@@ -295,7 +297,8 @@ def test_pipeline_rebuilds_only_what_is_stale(checkpoints, tmp_path):
     # A changed source (as make sees it) or a missing stamp (an interrupted step) makes it stale too; checked on the
     # keys, which prepare() compares, to spare an export each.
     key = r.export_key(changed, r.source_key(changed, source))
-    assert r._fresh(bundle, key)
+    assert r._fresh(bundle, key) and key["options"]["target_precision"] == "auto"   # make demo-real: auto target
+    assert "quantization" in load_manifest(bundle).parity["target"]                 # its choice, recorded
     os.utime(source / "config.json", ns=(1, 1))
     assert not r._fresh(bundle, r.export_key(changed, r.source_key(changed, source)))
     os.utime(source / "config.json")

@@ -109,7 +109,7 @@ def test_from_target_draft_checks_exports_and_is_exact(checkpoints, corpus, tmp_
     assert v.compatible, v.errors
     assert v.draft.num_layers == 1
     bundle = tmp_path / "bundle"
-    export_bundle(ExportOptions(target=target, draft=out, out=bundle, max_length=96))
+    export_bundle(ExportOptions(target=target, draft=out, out=bundle, max_length=96, target_precision="fp32"))
     assert bundle_card(bundle)["source"] == {"from_target": [0]}  # tune reads the card from the bundle
     engine = Engine(bundle)
     for prompt in ("def f(x):\n", "import os\n\nclass A:\n"):

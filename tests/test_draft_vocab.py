@@ -57,7 +57,8 @@ def test_bad_sizes_and_corpus(checkpoints, tmp_path):
     target, draft = checkpoints("llama")
     for n in (512, 100000):
         with pytest.raises(InvalidArgument, match="--draft-vocab"):
-            export_bundle(ExportOptions(target=target, draft=draft, out=tmp_path / "x", max_length=64, draft_vocab=n))
+            export_bundle(ExportOptions(target=target, draft=draft, out=tmp_path / "x", max_length=64, draft_vocab=n,
+                                        target_precision="fp32"))
     with pytest.raises(InvalidArgument, match="--draft-vocab-corpus"):
         corpus_files(tmp_path / "missing")
     (tmp_path / "c.txt").write_text("return return return self self")

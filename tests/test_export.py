@@ -36,34 +36,38 @@ def test_existing_bundle_needs_force_and_failures_leave_nothing(bundles, checkpo
     shutil.copytree(bundles("llama"), out)
     before = sorted(p.name for p in out.rglob("*"))
     with pytest.raises(InvalidArgument, match="--force"):
-        export_bundle(ExportOptions(target=target, draft=draft, out=out, max_length=128))
+        export_bundle(ExportOptions(target=target, draft=draft, out=out, max_length=128, target_precision="fp32"))
     # a draft whose weights are truncated: the export fails after the target graph was built
     bad = tmp_path / "bad_draft"
     shutil.copytree(draft, bad)
     data = (bad / "model.safetensors").read_bytes()
     (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(ExportError):
-        export_bundle(ExportOptions(target=target, draft=bad, out=out, max_length=128, force=True))
+        export_bundle(ExportOptions(target=target, draft=bad, out=out, max_length=128, force=True,
+                                    target_precision="fp32"))
     assert sorted(p.name for p in out.rglob("*")) == before          # the old bundle is untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "bad_draft"]   # no half bundle left behind
     load_manifest(out, verify=True)
-    export_bundle(ExportOptions(target=target, draft=draft, out=out, max_length=64, force=True))
+    export_bundle(ExportOptions(target=target, draft=draft, out=out, max_length=64, force=True,
+                                target_precision="fp32"))
     assert load_manifest(out).target.max_length == 64
 
 
 def test_refusals(checkpoints, tmp_path):
     target, draft = checkpoints("llama")
     with pytest.raises(InvalidArgument, match="fp8 needs TensorRT .--device trt.; for --device cpu use int4"):
-        export_bundle(ExportOptions(target=target, draft=draft, out=tmp_path / "x", draft_precision="fp8"))
+        export_bundle(ExportOptions(target=target, draft=draft, out=tmp_path / "x", draft_precision="fp8",
+                                    target_precision="fp32"))
     with pytest.raises(InvalidArgument, match="max_position_embeddings"):
-        export_bundle(ExportOptions(target=target, draft=draft, out=tmp_path / "x", max_length=100000))
+        export_bundle(ExportOptions(target=target, draft=draft, out=tmp_path / "x", max_length=100000,
+                                    target_precision="fp32"))
     # Recurrent state cannot be rewound (sliding windows can: see test_families.py).
     mamba = tmp_path / "mamba"
     shutil.copytree(draft, mamba)
     cfg = json.loads((mamba / "config.json").read_text())
     (mamba / "config.json").write_text(json.dumps({**cfg, "model_type": "mamba"}))
     with pytest.raises(IncompatibleModels, match="recurrent"):
-        export_bundle(ExportOptions(target=target, draft=mamba, out=tmp_path / "x"))
+        export_bundle(ExportOptions(target=target, draft=mamba, out=tmp_path / "x", target_precision="fp32"))
     assert not (tmp_path / "x").exists()
 
 
@@ -77,13 +81,14 @@ def test_default_context_length_fits_the_models(checkpoints, tmp_path):
     """Without --max-length the context is min(2048, both models' max_position_embeddings), said in the manifest and
     the export log; a value the user typed that does not fit stays an error."""
     target, draft = checkpoints("llama")                                  # max_position_embeddings 256
-    m = export_bundle(ExportOptions(target=target, draft=draft, out=tmp_path / "b"))
+    m = export_bundle(ExportOptions(target=target, draft=draft, out=tmp_path / "b", target_precision="fp32"))
     assert m.target.max_length == m.draft.max_length == 256
     assert m.tools["max_length"].startswith("256: default, min(2048, the target's max_position_embeddings 256")
     assert "context length (max_length) 256: default" in (tmp_path / "b" / "export.log").read_text()
     assert load_manifest(tmp_path / "b", verify=True).defaults == {"k": 4}  # schema unchanged
     with pytest.raises(InvalidArgument, match="--max-length 300 exceeds .*max_position_embeddings .256."):
-        export_bundle(ExportOptions(target=target, draft=draft, out=tmp_path / "c", max_length=300))
+        export_bundle(ExportOptions(target=target, draft=draft, out=tmp_path / "c", max_length=300,
+                                    target_precision="fp32"))
 
 
 # -- prompt reads compute only the logits they use (`logits_from`) ---------------------------------------------------

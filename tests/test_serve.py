@@ -48,7 +48,8 @@ def fim_bundle(tmp_path_factory) -> Path:
                                chat_template=CHAT)
     target = tiny.build_tiny(root / "target", "llama", tok, max_pos=512)
     draft = tiny.build_tiny(root / "draft", "llama", tok, seed=1, max_pos=512, **DRAFT_SHAPE)
-    export_bundle(ExportOptions(target=target, draft=draft, out=root / "bundle", max_length=512))
+    export_bundle(ExportOptions(target=target, draft=draft, out=root / "bundle", max_length=512,
+                                target_precision="fp32"))
     return root / "bundle"
 
 

