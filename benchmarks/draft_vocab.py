@@ -74,7 +74,7 @@ def main() -> None:
                 graphs.add_argmax(d / "model.onnx")
                 spec = ModelSpec(role="draft", architecture="LlamaForCausalLM", model_type="llama", parameters=0,
                                  precision=precision, provider="cpu", graph="model.onnx", max_length=a.past + 8,
-                                 rewindable=True, **facts, **graphs._graph_io(d / "model.onnx"))
+                                 rewindable=True, **facts, **graphs.graph_io(d / "model.onnx"))
                 m = models[precision, n] = open_model(d, spec, threads=a.threads)
                 m.forward(list(range(3, 3 + a.past)), want=None)
             shutil.rmtree(base)

@@ -55,7 +55,7 @@ def build_graph(model_dir: Path, out_dir: Path, precision: str, device: str, log
         reduce_head(out_dir / "model.onnx", head_rows)
         facts = dict(facts, draft_vocab=len(head_rows), vocab_map_sha256=map_sha256(head_rows))
     add_argmax(out_dir / "model.onnx")
-    return dict(facts, windows=windows, **_graph_io(out_dir / "model.onnx"))
+    return dict(facts, windows=windows, **graph_io(out_dir / "model.onnx"))
 
 
 def builder_problem(config: dict) -> str:
@@ -142,11 +142,11 @@ def _fallback(model_dir: Path, out_dir: Path, precision: str, arch: str, log: Pa
 def quantize_matmul_nbits(path: Path, bits: int) -> None:
     """Weight-only block quantization (MatMulNBits): step-consistent, unlike quantize_dynamic's per-tensor
     activation scales, which make a multi-token step disagree with one-by-one decoding. Every weight MatMul is
-    quantized, a tied LM head included (see _untie_transposed_weights)."""
+    quantized, a tied LM head included (see untie_transposed_weights)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     model = onnx.load(str(path))
-    _untie_transposed_weights(model)
+    untie_transposed_weights(model)
     q = MatMulNBitsQuantizer(model, bits=bits, block_size=32, is_symmetric=True)
     q.process()
     for f in path.parent.glob(path.name + "*"):
@@ -154,7 +154,7 @@ def quantize_matmul_nbits(path: Path, bits: int) -> None:
     onnx.save(q.model.model, str(path), save_as_external_data=True, location=path.name + ".data")
 
 
-def _untie_transposed_weights(model: onnx.ModelProto) -> int:
+def untie_transposed_weights(model: onnx.ModelProto) -> int:
     """Give each MatMul fed by Transpose(initializer) its own transposed initializer; return how many.
 
     torch.onnx writes a tied LM head as MatMul(h, Transpose(embedding)). The quantizer only takes MatMuls whose
@@ -283,7 +283,7 @@ def add_argmax(path: Path) -> None:
 _DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16"}
 
 
-def _graph_io(path: Path) -> dict:
+def graph_io(path: Path) -> dict:
     m = onnx.load(str(path), load_external_data=False)
     g = m.graph
     inputs = tuple(i.name for i in g.input)

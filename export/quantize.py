@@ -47,14 +47,14 @@ def quantize_graph(src: Path, out: Path, bits: int = 4, block_size: int = BLOCK_
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     from .draft_vocab import lm_head
-    from .graphs import _untie_transposed_weights
+    from .graphs import untie_transposed_weights
 
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)   # a line per node otherwise
 
     src, out = Path(src), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model = onnx.load(str(src / "model.onnx"))
-    _untie_transposed_weights(model)   # a tied head read through Transpose gets its own (quantizable) copy
+    untie_transposed_weights(model)   # a tied head read through Transpose gets its own (quantizable) copy
     head = lm_head(model.graph, {o: n for n in model.graph.node for o in n.output})  # through softcapping too
     head = head.name if head is not None else ""
     passes = [(bits, [*exclude, head] if head_bits not in (None, bits) else list(exclude), None)]
@@ -77,11 +77,11 @@ def quantize_graph(src: Path, out: Path, bits: int = 4, block_size: int = BLOCK_
 def graph_spec(path: Path, max_length: int = 256) -> ModelSpec:
     """A ModelSpec for a builder graph outside a bundle (read off the graph and its genai_config.json), so
     runtime.kv.open_model can drive it; max_length is capped at the graph's context length."""
-    from .graphs import _graph_io
+    from .graphs import graph_io
     from .torch_export import PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE
 
     path = Path(path)
-    io = _graph_io(path)
+    io = graph_io(path)
     model = json.loads((path.parent / "genai_config.json").read_text())["model"]
     cfg = model["decoder"]
     max_length = min(max_length, model.get("context_length") or max_length)   # the rotary cache's length

@@ -30,7 +30,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from .peers import Clock, PeerRun, post_sse
+from .harness import Clock, PeerRun, post_sse
 
 TYPES = ("ngram-simple", "ngram-mod", "ngram-map-k")   # llama.cpp's n-gram --spec-type values that need no model
 DRAFTS = (4, 8, 16)                                     # draft lengths swept for each type (its default is 48-64)
