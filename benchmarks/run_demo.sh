@@ -9,5 +9,5 @@ tag=$(uname -m)-$(nproc)core
 mkdir -p benchmarks/results
 $BIN/spec-export demo --max-new-tokens 8 >/dev/null        # exports the demo bundle into .specedge-demo/ if needed
 $BIN/spec-export bench .specedge-demo/bundle --prompts benchmarks/heldout.jsonl --max-new-tokens "${1:-96}" \
-    --k 2,4,6 --baselines plain,spec,ort-genai,ort-genai-plain,hf,hf-plain \
+    --k 2,4,6 --baselines plain,model,ort-genai,ort-genai-plain,hf,hf-plain \
     --json "benchmarks/results/demo-$tag.json" --plot "benchmarks/results/demo-$tag.png"

@@ -14,7 +14,7 @@ $BIN/spec-export demo --max-new-tokens 8 >/dev/null        # exports the demo bu
 for w in "${@:-completion editing nopay}"; do
   for workload in $w; do
     $BIN/spec-export bench .specedge-demo/bundle --prompts "benchmarks/$workload.jsonl" --max-new-tokens "$n" \
-        --k 2,4,8 --baselines plain,spec,lookup,hybrid,adaptive,ort-genai,hf-lookup \
+        --k 2,4,8 --baselines plain,model,lookup,hybrid,adaptive,ort-genai,hf-lookup \
         --json "benchmarks/results/drafting-$workload-$tag-run$run.json" \
         --plot "benchmarks/results/drafting-$workload-$tag-run$run.png"
   done

@@ -30,9 +30,9 @@ with open(work / "ttft300.jsonl", "w") as out:
             out.write(json.dumps({"prompt": tok.decode(ids[-300:])}) + "\n")
 EOF
 declare -A args=(
-  [editing]="--max-new-tokens 48 --k 4,8 --baselines plain,spec,lookup,hybrid,adaptive,hf-plain,hf-lookup"
-  [completion]="--max-new-tokens 48 --k 2,4 --baselines plain,spec,lookup,hybrid,adaptive"
-  [ttft300]="--max-new-tokens 4 --k 4 --baselines plain,spec,hybrid"
+  [editing]="--max-new-tokens 48 --k 4,8 --baselines plain,model,lookup,hybrid,adaptive,hf-plain,hf-lookup"
+  [completion]="--max-new-tokens 48 --k 2,4 --baselines plain,model,lookup,hybrid,adaptive"
+  [ttft300]="--max-new-tokens 4 --k 4 --baselines plain,model,hybrid"
 )
 for workload in "${@:-editing completion ttft300}"; do
   for w in $workload; do

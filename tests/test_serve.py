@@ -361,7 +361,17 @@ def test_global_latest_wins(fim_bundle, engine):
         s.stop()
 
 
-def test_full_queue_answers_429(server, engine):
+def test_full_queue_answers_429(fim_bundle, engine):
+    # The model drafter at a fixed k: the long request must still run when the latecomers arrive, and the default
+    # adaptive hybrid can finish LONG tokens of a tiny model's loop before they do.
+    server = Server(fim_bundle, "--api-key", KEY, "--queue-size", "2", "--drafter", "model", "--fixed-k")
+    try:
+        _full_queue(server, engine)
+    finally:
+        server.stop()
+
+
+def _full_queue(server, engine):
     p = long_prompt(engine)
     h = server.http(KEY)
     outs = [{} for _ in range(3)]

@@ -66,7 +66,7 @@ def ensure_bundle(workdir: Path, say=print) -> Path:
     trained = (DEMO / "target" / "config.json").is_file() and (DEMO / "draft" / "config.json").is_file()
     if trained:
         target, draft, max_length = DEMO / "target", DEMO / "draft", 1024
-        fp = _fingerprint(target, draft)
+        fp = _fingerprint(target, draft) + " target_precision=auto"   # the export's choice is part of what is cached
         try:
             if stamp.read_text() == fp:
                 load_manifest(bundle, verify=True)

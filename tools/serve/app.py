@@ -55,7 +55,7 @@ def is_loopback(host: str) -> bool:
 def warmup(engine: Engine, k: int | None = None) -> None:
     """A short generation at every step size the loop uses (k+1 for k = 1..k_max, and the plain step), greedy and
     sampled: session start-up, allocation and CUDA graph capture happen now, not on the first request."""
-    k_max = k or int(engine.manifest.defaults.get("k", 4))
+    k_max = k or engine.defaults.k
     ids = engine.encode("def f(x):\n    return")[:8]
     for kk in range(1, k_max + 1):
         engine.generate(ids, max_new_tokens=kk + 2, k=kk)
@@ -96,6 +96,7 @@ def run(bundle: str | Path, opts: ServeOptions, host: str = "127.0.0.1", port: i
     if warm:
         say("warming up (every step size)...")
         warmup(engine, opts.k)
+    sock.listen(128)   # before saying so: a client that connects as soon as it reads the line waits in the backlog
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     say(f"serving {app.state.server.model_id} at http://{shown}:{bound_port}/v1 "
