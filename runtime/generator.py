@@ -189,7 +189,7 @@ class Generator:
             self.drafter.accepted(n)
         t2 = time.perf_counter()
         if self.policy:
-            self.policy.observe(d.source, k, n, t1 - t0 - d.read_s, t2 - t1, d.read_s)
+            self.policy.observe(d.source, k, n, t1 - t0 - d.read_s, t2 - t1)
         before = len(self.tokens)
         reason, now = self.out.commit([*d.tokens[:n].tolist(), nxt]), time.perf_counter()
         self.stats.round(k, n, len(self.tokens) - before, t1 - t0, d.read_s, t2 - t1, now - self.t_last, now - self.t0)
