@@ -50,3 +50,12 @@ def bundles(tmp_path_factory, checkpoints):
         return cache[key]
 
     return get
+
+
+def encodable(text: str) -> bool:
+    """Whether UTF-8 can encode `text` (a lone surrogate cannot): the tests' own oracle for the text checks."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False

@@ -22,6 +22,7 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import encodable
 from specedge.runtime import BundleError, Engine, GenerationConfig, InvalidArgument
 from specedge.tools.cli import POSITIVE, FiniteFloat, main
 
@@ -379,19 +380,11 @@ def test_any_text_prompt_or_stop_is_taken_or_refused_by_name(engine, prompt, sto
         r = engine.generate(prompt, max_new_tokens=2, stop=(stop,) if stop else ())
     except InvalidArgument as e:
         # the request's settings are checked first, then the prompt
-        assert e.param == ("prompt" if _encodable(stop) else "stop[0]"), (e.param, prompt, stop)
-        assert e.param != "prompt" or prompt == "" or not _encodable(prompt)
+        assert e.param == ("prompt" if encodable(stop) else "stop[0]"), (e.param, prompt, stop)
+        assert e.param != "prompt" or prompt == "" or not encodable(prompt)
         str(e).encode("utf-8")
     else:
-        assert _encodable(prompt) and _encodable(stop) and r.finish_reason in ("length", "eos", "stop")
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
+        assert encodable(prompt) and encodable(stop) and r.finish_reason in ("length", "eos", "stop")
 
 
 def test_surrogates_and_numpy_ids_through_every_text_entry(engine):
