@@ -139,9 +139,8 @@ def widths(graph_dir: Path, min_widths: list[int], threads: list[int], n_prompts
     prompts = [base[: 40 + 33 * (i + 1)] for i in range(n_prompts)]   # prefixes of different lengths
     out = []
     for t in threads:
-        model = open_graph(graph_dir / "model.onnx", MAX_LENGTH + 64, t)
         for m in min_widths:
-            rep = step_consistency(model, prompts, min_width=m)
+            rep = step_consistency(graph_dir / "model.onnx", prompts, min_width=m, threads=t, max_length=MAX_LENGTH + 64)
             print(f"threads {t}: {rep.summary()}", flush=True)
             out.append({"threads": t, **rep.to_dict()})
     return {"graph": str(graph_dir), "runs": out}

@@ -281,8 +281,9 @@ def _quantize_target(o: ExportOptions, precision: str, facts: dict, tmp: Path, t
         say(1, 6, f"target precision {why}")
         return "fp32", {"precision": "fp32", "min_step": 1, "reasons": [why]}
     n = max(WIDTHS)
-    ids = parity.long_prompt(tok, 2 * (2 * n + 1))
-    steps = [ids[: 2 * n + 1], ids[2 * n + 1 :]]   # n tokens of prefix, then the n stepped at every width
+    ids = parity.long_prompt(tok, 6 * n)
+    # n + 1 tokens of prefix, then the n stepped at every width: two contexts across kv.ATTENTION_SWITCH, one past it
+    steps = [ids[: 2 * n + 1], ids[2 * n + 1 : 4 * n + 2], ids]
     lines = files("specedge.tools").joinpath("data", "heldout.jsonl").read_text(encoding="utf-8").splitlines()
     heldout = [tok.encode(json.loads(line)["prompt"]).ids[:128] for line in lines]   # + 32 greedy tokens each
     say(1, 6, f"checking the target's precision ({precision}): quantized rows at step widths 1..{n}, distance to fp32")

@@ -18,6 +18,11 @@ write lie past the position and the next step overwrites them) computes every ro
 speculative output equals the quantized target's own plain decoding. The check is what decides, per graph: on a tiny
 model (head_dim 16) GroupQueryAttention's SGEMM also gives the 33rd row of a 33-token step other bits, so there no
 minimum width makes width 33 exact and `choose_precision` falls back.
+
+A second split, by context length (runtime/kv.py ATTENTION_SWITCH): GroupQueryAttention's SGEMMs round one way while
+the context is at most 64 tokens and another past it, so on an AVX-512 Xeon a pass across position 63 parted from
+single steps (Gemma 3 270M int8: widths 17..33 after a 47-token prefix). The runtime splits such a pass in two. The
+check runs the runtime's own KVModel, padding and splitting included, over contexts across the switch and past it.
 """
 from __future__ import annotations
 
@@ -74,9 +79,9 @@ def quantize_graph(src: Path, out: Path, bits: int = 4, block_size: int = BLOCK_
     return out / "model.onnx"
 
 
-def graph_spec(path: Path, max_length: int = 256) -> ModelSpec:
+def graph_spec(path: Path, max_length: int = 256, min_step: int = 1) -> ModelSpec:
     """A ModelSpec for a builder graph outside a bundle (read off the graph and its genai_config.json), so
-    runtime.kv.open_model can drive it; max_length is capped at the graph's context length."""
+    runtime.kv.open_model can drive it; max_length is capped so that a padded step fits the graph's context length."""
     from .graphs import graph_io
     from .torch_export import PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE
 
@@ -84,20 +89,20 @@ def graph_spec(path: Path, max_length: int = 256) -> ModelSpec:
     io = graph_io(path)
     model = json.loads((path.parent / "genai_config.json").read_text())["model"]
     cfg = model["decoder"]
-    max_length = min(max_length, model.get("context_length") or max_length)   # the rotary cache's length
+    max_length = min(max_length, (model.get("context_length") or max_length) - min_step + 1)   # the rotary cache
     return ModelSpec(role="target", architecture="?", model_type="?", parameters=0, precision="?", provider="cpu",
                      graph=path.name, builder="onnxruntime-genai model builder", past_key=PAST_KEY,
                      past_value=PAST_VALUE, present_key=PRESENT_KEY, present_value=PRESENT_VALUE,
                      num_layers=cfg["num_hidden_layers"], num_kv_heads=cfg["num_key_value_heads"],
-                     head_dim=cfg["head_size"], max_length=max_length, rewindable=True, **io)
+                     head_dim=cfg["head_size"], max_length=max_length, rewindable=True, min_step=min_step, **io)
 
 
-def open_graph(path: Path, max_length: int = 256, threads: int = 0):
-    """A runtime KVModel on a graph file outside a bundle."""
+def open_graph(path: Path, max_length: int = 256, threads: int = 0, min_step: int = 1):
+    """A runtime KVModel on a graph file outside a bundle; min_step: its steps' minimum width (KVModel._last)."""
     from ..runtime.kv import open_model
 
     path = Path(path)
-    return open_model(path.parent, graph_spec(path, max_length), "cpu", threads)
+    return open_model(path.parent, graph_spec(path, max_length, min_step), "cpu", threads)
 
 
 @dataclass(frozen=True)
@@ -142,11 +147,6 @@ class StepReport:
                 "widths": [dict(w.__dict__) for w in self.widths]}
 
 
-def _padded(ids: np.ndarray, min_width: int, pad: int) -> np.ndarray:
-    """ids (n,) -> (max(n, min_width),): pad tokens after; their rows are computed and ignored."""
-    return ids if len(ids) >= min_width else np.concatenate([ids, np.full(min_width - len(ids), pad, np.int64)])
-
-
 def _kv_rows(model, lo: int, hi: int) -> np.ndarray:
     """Cache rows lo..hi-1 of every layer, keys and values: (layers, 2, kv_heads, hi - lo, head_dim)."""
     out = []
@@ -156,26 +156,24 @@ def _kv_rows(model, lo: int, hi: int) -> np.ndarray:
     return np.stack(out)
 
 
-def step_consistency(graph, prompts: list[list[int]], widths=WIDTHS, min_width: int = 1, pad: int = 0,
-                     threads: int = 0) -> StepReport:
-    """Per width w: after each prompt's prefix, one w-token verify pass against w single steps over the same tokens.
-    Every step of either path is padded to `min_width` tokens (as a runtime with that minimum would run it) and the
-    position then moved to just past the real tokens. `graph`: a KVModel, or the path of a builder graph file.
-    Each prompt needs at least max(widths) + 1 tokens: its last max(widths) are the ones stepped."""
-    model = graph if hasattr(graph, "forward") else open_graph(Path(graph), threads=threads)
+def step_consistency(graph, prompts: list[list[int]], widths=WIDTHS, min_width: int = 1, threads: int = 0,
+                     max_length: int = 256) -> StepReport:
+    """Per width w: after each prompt's prefix, one w-token verify pass against w single steps over the same tokens,
+    both through the runtime's own KVModel, which pads and splits steps as it would at run time (KVModel._last).
+    `graph`: the path of a builder graph file, opened with steps of at least `min_width` tokens, or a KVModel (its
+    own min_step applies). Each prompt needs at least max(widths) + 1 tokens: its last max(widths) are stepped."""
+    model = graph if hasattr(graph, "forward") else open_graph(Path(graph), max_length, threads, min_width)
     widths = tuple(widths)
     n = max(widths)
     stats = {w: [0, 0, 0.0, 0.0, True] for w in widths}   # positions, agree, max logit diff, max kv diff, bitwise
 
     def step(ids: np.ndarray, p: int) -> np.ndarray:
         model.rewind(p)
-        logits = model.forward(_padded(ids, min_width, pad))[: len(ids)].copy()   # (len(ids), vocab)
-        model.rewind(p + len(ids))
-        return logits
+        return model.forward(ids).copy()                                                # (len(ids), vocab)
 
     for prompt in prompts:
         ids = np.asarray(prompt, np.int64)
-        if len(ids) < n + 1 or len(ids) + min_width > model.spec.max_length:
+        if len(ids) < n + 1 or len(ids) + model.spec.min_step > model.spec.max_length:
             raise ValueError(f"a prompt of {len(ids)} tokens cannot check widths up to {n} in a cache of "
                              f"{model.spec.max_length}")
         cut = len(ids) - n
@@ -192,15 +190,15 @@ def step_consistency(graph, prompts: list[list[int]], widths=WIDTHS, min_width: 
             s[2] = max(s[2], float(np.abs(multi - single[:w]).max()))
             s[3] = max(s[3], float(np.abs(kv - single_kv[:, :, :, :w]).max()))
             s[4] = s[4] and np.array_equal(multi, single[:w]) and np.array_equal(kv, single_kv[:, :, :, :w])
-    return StepReport(min_width, tuple(WidthCheck(w, *stats[w]) for w in widths))
+    return StepReport(model.spec.min_step, tuple(WidthCheck(w, *stats[w]) for w in widths))
 
 
-def min_exact_width(graph, prompts: list[list[int]], widths=WIDTHS, candidates=(1, 2, 3, 4), threads: int = 0):
-    """The smallest min_width at which every width is bitwise exact, with its report; (None, last report) if none."""
-    model = graph if hasattr(graph, "forward") else open_graph(Path(graph), threads=threads)
+def min_exact_width(graph: Path, prompts: list[list[int]], widths=WIDTHS, candidates=(1, 2, 3, 4), threads: int = 0):
+    """The smallest min_width at which every width of the graph file is bitwise exact, with its report; (None, last
+    report) if none."""
     report = None
     for m in candidates:
-        report = step_consistency(model, prompts, widths, m)
+        report = step_consistency(graph, prompts, widths, m, threads)
         if report.exact:
             return m, report
     return None, report

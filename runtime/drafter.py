@@ -21,6 +21,7 @@ class Proposal:
     p: np.ndarray | None          # (k, V) float64: the distribution each was drawn from; None when drafted greedily
     source: str                   # who drafted ("model", "lookup"): the name the k policy keeps estimates under
     read_s: float = 0.0           # of the drafting time: reading context the drafter had not seen (its catch-up)
+    read_n: int = 0               # the tokens that catch-up read
 
     def __post_init__(self):
         t, p = self.tokens, self.p
@@ -36,6 +37,11 @@ class Drafter(Protocol):
     reads_prompt: bool   # True: a proposal first reads the context the drafter has not seen (a draft model's
                          # prefill); the loop then makes the first round a plain step, so that no prompt read delays
                          # the first token
+
+    def unread(self, tokens: Sequence[int]) -> int:
+        """Tokens of context the next proposal would read before drafting (a draft model's catch-up; 0 for a drafter
+        that drafts at no read cost): the k policy weighs it against what the rest of the request can save. Cheap;
+        changes nothing."""
 
     def lead(self, tokens: Sequence[int]) -> str:
         """Who would draft after `tokens` now: the `source` of the next proposal, named before it is made so that
@@ -71,6 +77,10 @@ class ModelDrafter:
     def lead(self, tokens):
         return "model"
 
+    def unread(self, tokens):
+        ctx = tokens[self._start(tokens) :]
+        return _catch_up(len(ctx), self.model.cached(ctx))
+
     def propose(self, tokens, k):
         m, c = self.model, self.config
         ctx = self._window(tokens)
@@ -79,12 +89,12 @@ class ModelDrafter:
         # The round's own feed is last round's correction (and the bonus token when all were kept): one or two
         # tokens. More is catch-up (the prompt, rounds this drafter sat out, a moved window): read it in one pass that
         # keeps no logits, and time it apart, so that the k policy charges it to this drafter.
-        t, read_s = time.perf_counter(), 0.0
-        if len(ctx) - keep > 2:
+        t, read_s, read_n = time.perf_counter(), 0.0, _catch_up(len(ctx), keep)
+        if read_n:
             m.forward(ctx[keep:-1], want=None)
             keep, read_s = len(ctx) - 1, time.perf_counter() - t
         if c.temperature == 0:  # greedy: ids only, chained on the device where the graph allows
-            return Proposal(m.greedy_chain(ctx[keep:], k), None, "model", read_s)
+            return Proposal(m.greedy_chain(ctx[keep:], k), None, "model", read_s, read_n)
         out = m.forward(ctx[keep:], rows=1)[0]                                  # (V,) logits: the last row
         draft = np.empty(k, np.int64)                                          # (k,)
         probs = np.empty((k, len(out)))                                        # (k, V)
@@ -93,7 +103,7 @@ class ModelDrafter:
             draft[i] = sample(probs[i], self.rng)
             if i + 1 < k:  # the last draft token is fed next round, and only if the target accepts it
                 out = m.forward(draft[i : i + 1])[0]
-        return Proposal(draft, probs, "model", read_s)
+        return Proposal(draft, probs, "model", read_s, read_n)
 
     def accepted(self, n):
         # The cache holds context + draft[:k-1]; keep context + draft[:n]. Setting an integer is the whole rewind.
@@ -101,8 +111,17 @@ class ModelDrafter:
         self.model.rewind(max(0, min(self.model.pos, self.base + n)))
 
     def _window(self, tokens: Sequence[int]) -> Sequence[int]:
-        if not self.window:
-            return tokens
-        if not 0 < len(tokens) - self.start <= 2 * self.window:   # a new request, or the window is full: move it
-            self.start = max(0, len(tokens) - self.window)
+        self.start = self._start(tokens)
         return tokens[self.start :]
+
+    def _start(self, tokens: Sequence[int]) -> int:
+        """Where the window begins for `tokens`: where it began, unless this is a new request or the window is full."""
+        if self.window and not 0 < len(tokens) - self.start <= 2 * self.window:
+            return max(0, len(tokens) - self.window)
+        return self.start if self.window else 0
+
+
+def _catch_up(n: int, keep: int) -> int:
+    """Tokens read before drafting when `keep` of `n` context tokens are cached: none when the round's own feed (last
+    round's correction, and the bonus token when all were kept: one or two tokens) is all that is new."""
+    return n - 1 - keep if n - keep > 2 else 0

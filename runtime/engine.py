@@ -28,7 +28,7 @@ from .lookup import HybridDrafter, LookupDrafter
 from .manifest import ModelSpec, load_manifest
 from .prompt import check_text, encode_prompt, longest_token
 
-PROTOCOL = ("propose", "accepted", "lead")   # what a custom drafter must have, beside a bool `reads_prompt`
+PROTOCOL = ("propose", "accepted", "lead", "unread")   # what a custom drafter must have, beside a bool `reads_prompt`
 
 
 class Engine:
@@ -61,7 +61,7 @@ class Engine:
         self.max_length = min(s.max_length for s in (m.target, m.draft) if s)
         # Adaptive k learns acceptance per drafter and the step costs t(n)/t(1), c; generations on an Engine are
         # serialised, so one policy carries what it learnt from request to request.
-        self.policy = KPolicy(k_max=MAX_K)
+        self.policy = KPolicy(k_max=MAX_K, read_ratio=m.draft.parameters / m.target.parameters if m.draft else 1.0)
         self._lock = threading.Lock()        # held by the live generator
         self._state = threading.RLock()      # guards the two fields below (re-entrant: GC may call _orphaned)
         self._owner: weakref.ref | None = None
@@ -133,7 +133,7 @@ class Engine:
         if custom_drafter is not None:
             missing = [a for a in PROTOCOL if not callable(getattr(custom_drafter, a, None))]
             if missing or not isinstance(getattr(custom_drafter, "reads_prompt", None), bool):
-                raise InvalidArgument(f"custom_drafter must follow the Drafter protocol (propose, accepted, lead and "
+                raise InvalidArgument(f"custom_drafter must follow the Drafter protocol ({', '.join(PROTOCOL)} and "
                                       f"a bool reads_prompt); {type(custom_drafter).__name__} lacks "
                                       f"{', '.join(missing) or 'reads_prompt'}", "custom_drafter")
             if config.drafter is not None or config.speculative is False:

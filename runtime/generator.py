@@ -87,9 +87,8 @@ class Output:
 
 
 class Generator:
-    """One request, holding its Engine until it finishes, is cancelled or closed (then `release`; failed=True after an
-    error: the caches are in an unknown state). Iterate for token ids or `text_deltas()`; `cancel()` from any thread.
-    `config` is complete (the Engine fills in defaults); drafter None: plain decoding; policy None: a fixed k."""
+    """One request, holding its Engine until it finishes, is cancelled or closed (then `release`, failed=True after an
+    error). Iterate for ids or `text_deltas()`; `cancel()` from any thread. drafter None: plain; policy None: fixed k."""
 
     def __init__(self, target: KVModel, drafter: Drafter | None, config: GenerationConfig, limits: Limits,
                  tokenizer: Tokenizer, release: Callable[[Generator, bool], None], policy: KPolicy | None = None,
@@ -133,17 +132,14 @@ class Generator:
 
     def result(self) -> Result:
         """Run to the end. What it returns counts as handed out: iteration and text_deltas() yield nothing more."""
-        for _ in self:
-            pass
+        deque(self, maxlen=0)
         self.out.texts.clear()
         return Result(self.out.stream.text, self.out.response, self.finish_reason, self.stats)
 
     def _advance(self) -> None:
         with self._busy:
-            if self.finish_reason:
-                return
-            if self._cancel.is_set():
-                return self._finish("cancelled")
+            if self.finish_reason or self._cancel.is_set():
+                return self._finish("cancelled")   # nothing when already finished
             try:
                 if self.t0 is None:
                     self._prefill()
@@ -165,13 +161,16 @@ class Generator:
         if keep < len(self.tokens) - 1:
             self.target.forward(self.tokens[keep:-1], want=None)
         self.t_last = self.t_prefill = time.perf_counter()
+        if self.policy:   # until a draft has read, what reading costs the target prices a catch-up
+            self.policy.observe_read("target", len(self.tokens) - 1 - keep, self.t_prefill - self.t0)
         self.stats.prefill(len(self.tokens), self.t_prefill - self.t0)
 
     def _round(self, k: int) -> str | None:   # the reason to finish, if any
         c, target, t0 = self.config, self.target, time.perf_counter()
         # 1. draft: k tokens, or as many as the policy expects to pay best from whoever leads now (0: a plain step),
         #    with the draft distribution p they came from when sampling
-        k = self.policy.choose(self.drafter.lead(self.tokens), k) if self.policy and k else k
+        if self.policy and k:   # what the drafter would read first is weighed against what the rest can save
+            k = self.policy.choose(self.drafter.lead(self.tokens), k, self.drafter.unread(self.tokens), self.out.room()+1)
         d = _admit(self.drafter.propose(self.tokens, k), k, self.limits.vocab_size, c.temperature) if k else PLAIN
         k, t1 = len(d.tokens), time.perf_counter()                               # a drafter may propose fewer
         # 2. verify all k in ONE target pass over [last token] + draft, and
@@ -190,6 +189,7 @@ class Generator:
         t2 = time.perf_counter()
         if self.policy:
             self.policy.observe(d.source, k, n, t1 - t0 - d.read_s, t2 - t1)
+            self.policy.observe_read("draft", d.read_n, d.read_s)
         before = len(self.tokens)
         reason, now = self.out.commit([*d.tokens[:n].tolist(), nxt]), time.perf_counter()
         self.stats.round(k, n, len(self.tokens) - before, t1 - t0, d.read_s, t2 - t1, now - self.t_last, now - self.t0)

@@ -2,10 +2,15 @@
 
 With a_i the probability that draft position i is accepted given that positions 1..i-1 were, a round that drafts k
 tokens commits E(k) = 1 + sum_{i=1..k} prod_{j<=i} a_j tokens (the accepted run plus the target's own token) and
-costs t(k+1)/t(1) + k*c + u target steps (one verify pass over k+1 tokens, k draft steps at c target steps each, and
-u: what the drafter spends on average per drafting round catching up on context it had not seen). k = 0
+costs t(k+1)/t(1) + k*c target steps (one verify pass over k+1 tokens and k draft steps at c target steps each). k = 0
 is a plain step (E = 1, cost 1), so a drafter that stops paying stops drafting; it is probed again every
 `probe_every` rounds so that it can start paying again.
+
+A draft model that has context to read first (the prompt, rounds it sat out) pays that catch-up once, before the
+round: it drafts only when the tokens the request has left, drafted at the best k instead of decoded plainly, save
+more target steps than the catch-up costs (a probe: when it costs at most `probe_budget` of what is left). Reading
+costs what the draft's reads took per token, or, until the draft has read, what the target's prompt read took scaled by
+`read_ratio` (the Engine gives the draft's parameters over the target's: a read's work is its weights per token).
 
 Pure Python, deterministic: the same observations give the same choices.
 """
@@ -38,6 +43,8 @@ class KPolicy:
     decay: float = 0.95
     probe_every: int = 16
     probe_k: int = 2
+    probe_budget: float = 0.05         # a probe's catch-up may cost at most this share of the plain steps left
+    read_ratio: float = 1.0            # a draft's read per token / the target's, until the draft has been timed
     prior_alpha: float = 0.6
     prior_weight: float = 2.0
     verify_slope: float = 0.05
@@ -47,6 +54,7 @@ class KPolicy:
     _verify_s: deque = field(default_factory=deque, init=False, repr=False)  # (width n, seconds), the latest
     _step_s: dict[str, deque] = field(default_factory=dict, init=False, repr=False)     # drafter -> s per draft
     _idle: dict[str, int] = field(default_factory=dict, init=False, repr=False)         # rounds since drafting
+    _read_s: dict[str, deque] = field(default_factory=dict, init=False, repr=False)     # reader -> (tokens, s)
     _line: tuple[float, float, float] | None = field(default=None, init=False, repr=False)  # fit of _verify_s
 
     def __post_init__(self):
@@ -55,19 +63,28 @@ class KPolicy:
                                   f"k_max={self.k_max}, decay={self.decay}, probe_every={self.probe_every}")
 
     # -- what the loop calls -----------------------------------------------------------------------------------
-    def choose(self, drafter: str, limit: int) -> int:
+    def choose(self, drafter: str, limit: int, unread: int = 0, left: int = 0) -> int:
         """The k in 0..min(limit, k_max) with the most expected tokens per unit time; a probe when 0 has won for
-        `probe_every` rounds in a row."""
+        `probe_every` rounds in a row. unread: tokens the drafter reads before drafting; left: tokens the request
+        may still produce (both only matter together: 0 when nothing is to be read)."""
         top = max(0, min(limit, self.k_max))
         rates = self.rates(drafter, top)
         k = rates.index(max(rates))   # ties: the smaller k
+        read = unread * self.read_cost()                        # target steps, paid before the round
+        if k and read > left * (1 / rates[0] - 1 / rates[k]):   # target steps saved over what is left, at rate k
+            return 0
         if k == 0 and top > 0:
             idle = self._idle.get(drafter, 0) + 1
             self._idle[drafter] = idle
-            if idle >= self.probe_every:
+            if idle >= self.probe_every and read <= self.probe_budget * left:
                 self._idle[drafter] = 0
                 return min(self.probe_k, top)
         return k
+
+    def observe_read(self, reader: str, tokens: int, seconds: float) -> None:
+        """A read of `tokens` tokens of context in one pass: by the "draft" (a catch-up) or the "target" (a prompt)."""
+        if tokens > 0 and seconds > 0:
+            self._record(self._read_s, reader, (tokens, seconds))
 
     def observe(self, drafter: str, k: int, n_accepted: int, draft_s: float, verify_s: float) -> None:
         """One round: k tokens drafted (0 for a plain step), n_accepted of them kept, the seconds spent drafting
@@ -124,6 +141,17 @@ class KPolicy:
             return median(self._step_s[drafter]) / self._t(1)
         return self.draft_cost.get(drafter, 0.05)
 
+    def read_cost(self) -> float:
+        """Target steps per token of catch-up: the draft's reads once timed, the target's times read_ratio until then,
+        0 before both."""
+        who = next((r for r in ("draft", "target") if r in self._read_s), None)
+        if who is None or not self._verify_s:
+            return 0.0
+        # Seconds over tokens of the recent reads: the cost per token of the long reads that matter (a median per
+        # read would be set by the many 3-token catch-ups, whose fixed overhead made a prompt look 10x dearer).
+        tokens, seconds = map(sum, zip(*self._read_s[who]))
+        return seconds / tokens * (self.read_ratio if who == "target" else 1.0) / self._t(1)
+
     def _t(self, n: int) -> float:
         """Seconds for a verify pass over n tokens: with one width timed, that time scaled by the prior slope; with
         more, a least-squares line through the median time of each width, weighted by its samples and leaving out
@@ -153,10 +181,10 @@ class KPolicy:
         """Expected tokens per target-step time when drafting k, for k = 0..top: E(k) / (t(k+1)/t(1) + k*c). A draft
         model's catch-up (the prompt, rounds it sat out) is not charged: once paid it is sunk, and charging it to the
         rounds after made the policy sit out more rounds, which grew the next catch-up (adaptive model 8-12% slower on
-        the demo pair's completion prompts, benchmarks/results/seams/). `draft_window` bounds it instead."""
+        the demo pair's completion prompts, benchmarks/results/seams/): `choose` weighs it once, before it is paid."""
         c = self.draft_step_cost(drafter)
         return [e / (self.verify_cost(k + 1) + k * c) for k, e in enumerate(self.expected_tokens(drafter, top))]
 
-    def _record(self, timings: dict, key, seconds: float) -> None:
-        # a median of the last few: one round preempted by another process must not move the estimate
-        timings.setdefault(key, deque(maxlen=self.timing_window)).append(seconds)
+    def _record(self, timings: dict, key, value) -> None:
+        # the last few only (step costs take their median: one round preempted by another process must not move it)
+        timings.setdefault(key, deque(maxlen=self.timing_window)).append(value)

@@ -36,6 +36,12 @@ _ORT = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 # Step sizes up to k + 1 (k <= 32) keep their buffers and binding, and get a captured CUDA graph: decode, verify and
 # the draft's catch-up feeds. Longer steps (prompts) allocate per call and run without a graph.
 BOUND_MAX_N = 33
+# The context length at which onnxruntime's CPU GroupQueryAttention changes how it rounds: its two products (Q K' over
+# the context, probabilities V) are MLAS SGEMMs whose K stride is chosen from the context's length, one way up to 64
+# tokens and another past it. A row computed by a pass whose context ends past 64 then differs in its last bits from
+# the same row computed by a step whose context ends at or before 64 (on an AVX-512 Xeon; Gemma 3 270M, int8: max
+# |Δlogit| 0.9, flipped argmaxes). No other length up to 530 does this.
+ATTENTION_SWITCH = 64
 # The optional graph input that selects the rows reaching the LM head: int64 [1], a slice start over the step's
 # positions (-m: the last m; default 0: all, which is what onnxruntime-genai, never feeding it, gets).
 LOGITS_FROM = "logits_from"
@@ -90,11 +96,16 @@ class KVModel:
         self.rewind(0)
         self.seen = []
 
-    def reuse(self, tokens: list[int]) -> int:
-        """Rewind to the longest cached prefix of `tokens`, leaving at least one token to feed; return it."""
+    def cached(self, tokens: list[int]) -> int:
+        """The longest cached prefix of `tokens`, leaving at least one token to feed. Changes nothing."""
         keep = min(self._pos, len(tokens) - 1)
         if self.seen[:keep] != tokens[:keep]:
             keep = next(i for i, (a, b) in enumerate(zip(self.seen, tokens)) if a != b)
+        return keep
+
+    def reuse(self, tokens: list[int]) -> int:
+        """Rewind to the longest cached prefix of `tokens` (`cached`); return it."""
+        keep = self.cached(tokens)
         self.rewind(keep)
         return keep
 
@@ -118,12 +129,23 @@ class KVModel:
         int8 activations (quantized targets) that float rounding flips greedy tokens, so a verify pass and plain
         decoding would part. Padded, every row is computed the same way whatever the step's width (the export
         checks it bit for bit, export/quantize.py). The pad rows' outputs are dropped; their KV rows lie past the
-        position, so the mask hides them and the next step overwrites them."""
-        n = ids.shape[1]
-        pad = max(0, self.spec.min_step - n)
+        position, so the mask hides them and the next step overwrites them.
+
+        Splitting, for the same reason: rows a padded single step computes with a context of at most
+        ATTENTION_SWITCH tokens (positions < cut) and rows it computes past it are never computed by one pass; a pass
+        over both is run as two, each in its rows' own regime."""
+        n, step = ids.shape[1], self.spec.min_step
+        cut = ATTENTION_SWITCH - step + 1
+        if step > 1 and p < cut < p + n:
+            a, b = cut - p, p + n - cut                                # rows before the cut, rows from it
+            first = self._last(ids[:, :a], p, max(1, m - b), want if m > b else None)
+            first = None if first is None else first.copy()            # a bound step's buffer: the next may reuse it
+            last = self._last(ids[:, a:], cut, min(m, b), want)
+            return last if m <= b or want is None else np.concatenate([first, last])
+        pad = max(0, step - n)
         if pad:
             ids = np.concatenate([ids, np.repeat(ids[:, -1:], pad, axis=1)], axis=1)   # (1, min_step)
-        head = min(n + pad, max(m + pad, self.spec.min_step)) if self._selects_rows else n + pad
+        head = min(n + pad, max(m + pad, step)) if self._selects_rows else n + pad
         out = self._run(ids, p, n + pad, head, want)
         return None if out is None else out[len(out) - pad - m : len(out) - pad]
 

@@ -47,6 +47,9 @@ class LookupDrafter:
     def lead(self, tokens: Sequence[int]) -> str:
         return "lookup"
 
+    def unread(self, tokens: Sequence[int]) -> int:
+        return 0
+
     def propose(self, tokens: Sequence[int], k: int) -> Proposal:
         self._sync(tokens)
         draft = np.asarray(self._continuation(k), np.int64)                          # (m,), m <= k
@@ -133,19 +136,25 @@ class HybridDrafter:
         always "lookup"."""
         return "lookup" if self.model is None or self.lookup.find(tokens)[0] >= self.min_match else "model"
 
+    def unread(self, tokens: Sequence[int]) -> int:
+        """The model's catch-up when it leads; none when lookup does (a lookup-led round tops up with the model only
+        when it has nothing to read, so that a catch-up is paid only where the k policy weighed it)."""
+        return self.model.unread(tokens) if self.lead(tokens) == "model" else 0
+
     def propose(self, tokens, k):
         lead = self.lead(tokens)
         look = self.lookup.propose(tokens, k if lead == "lookup" else 0)              # (m,), (m, V) | None
         m = len(look.tokens)
         self.last = (m, 0)
-        if m == k or self.model is None:
+        ahead = [*tokens, *look.tokens.tolist()]
+        if m == k or self.model is None or (lead == "lookup" and self.model.unread(ahead)):
             return look
         # The model drafter feeds whatever its cache has not seen (KVModel.reuse: longest common prefix), so
         # drafting after tokens + the looked-up part keeps its cache consistent with no extra bookkeeping.
-        more = self.model.propose([*tokens, *look.tokens.tolist()], k - m)           # (k-m,), (k-m, Vd) | None
+        more = self.model.propose(ahead, k - m)           # (k-m,), (k-m, Vd) | None
         self.last = (m, len(more.tokens))
         p = None if look.p is None or more.p is None else np.concatenate(same_width(look.p, more.p))
-        return Proposal(np.concatenate([look.tokens, more.tokens]), p, lead, more.read_s)
+        return Proposal(np.concatenate([look.tokens, more.tokens]), p, lead, more.read_s, more.read_n)
 
     def accepted(self, n):
         m, used = self.last

@@ -133,3 +133,57 @@ def test_rates_are_expected_tokens_over_costs():
     assert e[0] == 1.0 and all(b > a for a, b in zip(e, e[1:]))
     want = [e[k] / (p.verify_cost(k + 1) + k * p.draft_step_cost("model")) for k in range(9)]
     assert p.rates("model", 8) == pytest.approx(want)
+
+
+def _paying(read_s_per_token: float, reader: str = "draft") -> KPolicy:
+    """A policy that has seen a model drafter pay (alpha 0.8, c 0.05) and reads priced at `read_s_per_token`."""
+    p = KPolicy(k_max=8)
+    rng = np.random.default_rng(2)
+    draws = rng.random((100, 8))
+    run(p, "model", lambda r, i: draws[r, i] < 0.8, 100, c=0.05)
+    p.observe_read(reader, 100, 100 * read_s_per_token)
+    return p
+
+
+def test_a_catch_up_is_paid_only_where_the_rest_of_the_request_saves_more():
+    p = _paying(T1 / 2)                        # a token read costs half a target step
+    k = p.choose("model", 8)
+    assert k > 0
+    rates = p.rates("model", 8)
+    saved_per_token = 1 / rates[0] - 1 / rates[k]
+    left = 64
+    worth = int(left * saved_per_token / 0.5)  # the longest catch-up those 64 tokens pay for
+    assert p.choose("model", 8, unread=worth - 2, left=left) == k
+    assert p.choose("model", 8, unread=worth + 2, left=left) == 0
+    assert p.choose("model", 8, unread=400, left=2000) == k           # a long response pays for a long prompt
+    assert p.choose("model", 8, unread=0, left=1) == k                 # nothing to read: the choice is unchanged
+
+
+def test_the_draft_prices_its_reads_once_it_has_read():
+    before = _paying(T1, reader="target")      # the target's prompt read: a step per token
+    assert before.read_cost() == pytest.approx(1.0)
+    before.observe_read("draft", 50, 50 * T1 / 10)
+    assert before.read_cost() == pytest.approx(0.1)
+    assert KPolicy(k_max=8).read_cost() == 0.0                          # nothing timed: nothing charged
+    small = _paying(T1, reader="target")
+    small.read_ratio = 0.05                                              # a draft 1/20 of the target's weights
+    assert small.read_cost() == pytest.approx(0.05)
+    before.observe_read("draft", 0, 0.0)                                # a round that read nothing says nothing
+    assert before.read_cost() == pytest.approx(0.1)
+
+
+def test_a_probe_that_would_read_too_much_waits():
+    p = KPolicy(k_max=8, probe_every=4)
+    run(p, "model", lambda r, i: False, 40, c=0.05)                      # never right: plain steps and probes
+    p.observe_read("draft", 10, 10 * T1)
+    ks = [p.choose("model", 8, unread=20, left=100) for _ in range(12)]  # 20 steps > 5% of 100
+    assert ks == [0] * 12
+    ks = [p.choose("model", 8, unread=2, left=100) for _ in range(12)]   # 2 steps <= 5
+    assert 0 < sum(k > 0 for k in ks) <= 3
+
+
+def test_a_long_read_is_priced_by_its_tokens_not_by_the_overhead_of_short_ones():
+    p = _paying(T1 / 100)                      # a 100-token read at a hundredth of a step per token
+    for _ in range(10):                        # short catch-ups, each mostly a call's fixed overhead
+        p.observe_read("draft", 3, T1 / 10)
+    assert p.read_cost() < 0.02                # 130 tokens for 2 steps, not the short reads' 0.033 per token

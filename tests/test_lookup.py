@@ -119,7 +119,7 @@ def test_hybrid_without_a_draft_model_is_lookup():
     for n in range(1, len(tokens) + 1):
         a, b = h.propose(tokens[:n], 3), d.propose(tokens[:n], 3)
         assert a.tokens.tolist() == b.tokens.tolist() and np.array_equal(a.p, b.p) and h.lead(tokens[:n]) == "lookup"
-        assert not h.reads_prompt and a.source == "lookup"
+        assert not h.reads_prompt and h.unread(tokens[:n]) == 0 and a.source == "lookup"
         h.accepted(0)
 
 
@@ -305,3 +305,24 @@ def test_target_only_bundle_drafts_by_lookup(checkpoints, tmp_path):
     bad = CliRunner().invoke(main, ["export", "--target", str(target), "--out", str(tmp_path / "x"),
                                     "--draft-vocab", "64"])
     assert bad.exit_code == 2 and "--draft" in bad.output and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("window", [None, 8])
+def test_unread_is_what_the_next_proposal_reads(llama, window):
+    """The k policy prices a catch-up by `unread` before the round: it must be what `propose` then reads, for a
+    growing context, rejections, a moved window and a new request; and a hybrid never reads where lookup leads."""
+    rng = np.random.default_rng(5)
+    d = ModelDrafter(llama.draft, GenerationConfig(), window=window)
+    h = HybridDrafter(LookupDrafter(llama.manifest.target.vocab_size), d, min_match=1)
+    for prompt in PROMPTS[:2]:
+        tokens = llama.encode(prompt)
+        for _ in range(12):
+            for drafter in (d, h):
+                unread = drafter.unread(tokens)
+                p = drafter.propose(tokens, 3)
+                assert p.read_n == unread, (window, len(tokens))
+                if h.lead(tokens) == "lookup" and drafter is h:
+                    assert unread == 0
+                kept = int(rng.integers(0, len(p.tokens) + 1))
+                drafter.accepted(kept)
+            tokens = tokens + [int(t) for t in rng.integers(3, 100, int(rng.integers(1, 7)))]

@@ -204,3 +204,20 @@ def test_bench_runs_llamacpp_beside_ours_and_leaves_it_out_of_exactness(bundles,
     assert rows["llama.cpp"].tokens_per_s_end_to_end > 0 and rows["llama.cpp"].ttft_ms > 0
     assert not [p for p in report.partings if p.config == "llama.cpp"]
     bench.check_exactness(report.partings)
+
+
+def test_only_peers_on_the_targets_own_weights_are_held_to_its_plain_output():
+    """transformers runs the fp32 sources: its greedy output is ours only where the target is fp32 (an int8 target
+    parts from it by design); llama.cpp never runs our weights; onnxruntime-genai runs the bundle's own graphs."""
+    from types import SimpleNamespace
+
+    from specedge.tools.peers import PEERS
+
+    def setup(precision):
+        return SimpleNamespace(engine=SimpleNamespace(manifest=SimpleNamespace(target=SimpleNamespace(
+            precision=precision))))
+
+    held = {prec: {p.name for p in PEERS if p.compared(setup(prec))} for prec in ("fp32", "int8")}
+    assert {"hf", "hf-plain", "hf-lookup", "ort-genai"} <= held["fp32"]
+    assert held["int8"] == held["fp32"] - {"hf", "hf-plain", "hf-lookup"}
+    assert not {"llama.cpp", "llama.cpp-ngram"} & held["fp32"]

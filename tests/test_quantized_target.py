@@ -54,6 +54,38 @@ def test_int8_target_records_its_step_check_and_distance(int8_bundle):
     assert "steps padded to 2 tokens: rows bitwise the same at every step width; vs fp32: top-1" in describe(m, "b")
 
 
+def test_a_pass_across_the_attention_switch_runs_as_two(int8_bundle):
+    """A pass whose rows lie on both sides of kv.ATTENTION_SWITCH (contexts of at most 64 tokens, and past it) is run
+    as two: its rows, argmaxes and cache are exactly those of the two passes run by hand, for every row selection."""
+    from specedge.runtime.kv import ATTENTION_SWITCH
+
+    m = load_manifest(int8_bundle)
+    model = open_model(int8_bundle, m.target)
+    cut = ATTENTION_SWITCH - m.target.min_step + 1                     # the first row computed past the switch
+    ids = np.random.default_rng(1).integers(3, m.target.vocab_size, cut + 12)
+    for p in (cut - 12, cut - 5):                                        # equal halves (one bound step size) or not
+        model.rewind(0)
+        model.forward(ids[:p])
+        by_hand = np.concatenate([_rows(model, ids, p, cut), _rows(model, ids, cut, cut + 12)])   # (n, V)
+        k_hand = model.kv(0)[0].copy()
+        n = len(by_hand)
+        for rows in (None, 12, 13, n):                                   # all; the later part only; across
+            model.rewind(p)
+            got = model.forward(ids[p:], rows=rows)
+            want = by_hand if rows is None else by_hand[-rows:]
+            assert np.array_equal(got, want), (p, rows)
+            model.rewind(p)
+            assert np.array_equal(model.forward(ids[p:], "argmax", rows=rows), want.argmax(-1))
+        model.rewind(p)
+        model.forward(ids[p:], want=None)
+        assert model.pos == cut + 12 and np.array_equal(model.kv(0)[0], k_hand)
+
+
+def _rows(model, ids, lo, hi):
+    model.rewind(lo)
+    return model.forward(ids[lo:hi]).copy()
+
+
 def test_padded_one_token_step_equals_its_row_in_a_wide_pass(int8_bundle):
     """A 1-token step runs as 2 tokens: its row is bit for bit the wide pass's row, the position moves by 1, and
     the pad's cache row (past the position) changes nothing in the next step; a step at the context's last
@@ -88,6 +120,9 @@ class _Oracle:
 
     def lead(self, tokens):
         return "lookup"
+
+    def unread(self, tokens):
+        return 0
 
     def propose(self, tokens, k):
         draft = self.full[len(tokens) : len(tokens) + k] or [3]

@@ -40,6 +40,9 @@ class SelfDrafter:
     def lead(self, tokens):
         return "self"
 
+    def unread(self, tokens):
+        return len(tokens) - 1 - self.model.cached(tokens)
+
     def propose(self, tokens, k):
         m = self.model
         keep = m.reuse(tokens)

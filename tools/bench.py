@@ -106,7 +106,8 @@ class Config:
     k: int | None
     run: Callable[[list[int], int], Run]           # (prompt ids, max new tokens) -> Run
     close: Callable[[], None] = lambda: None
-    compare: bool = True     # False: a peer on its own weight format (llama.cpp): its outputs are not partings
+    compare: bool = True     # False: a peer on other weights (llama.cpp's GGUF, transformers' fp32 sources against a
+                             # quantized target): its outputs are not partings
 
 
 @dataclass(frozen=True)
@@ -256,7 +257,7 @@ def make_configs(engine: Engine, ks, baselines, sampling: GenerationConfig, say,
             if peer.name in baselines and applies(peer.name, peer.needs_draft, lambda: peer.unavailable(setup)):
                 for name, k, start in peer.configs(setup):
                     p = start()
-                    configs.append(Config(name, k, _peer_run(p, sampling), p.close, peer.same_weights))
+                    configs.append(Config(name, k, _peer_run(p, sampling), p.close, peer.compared(setup)))
     except BaseException:
         for c in configs:  # the peers already started hold sessions and temporary folders
             c.close()
