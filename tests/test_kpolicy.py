@@ -172,7 +172,12 @@ def test_the_draft_prices_its_reads_once_it_has_read():
     assert before.read_cost() == pytest.approx(0.1)
 
 
-def test_a_probe_that_would_read_too_much_waits():
+def test_a_probe_that_would_read_too_much_waits_once_the_drafter_is_judged():
+    first = KPolicy(k_max=8, probe_every=4)
+    first.observe("model", 1, 0, draft_s=50 * T1, verify_s=verify_s(1))  # one slow first call: c = 50
+    first.observe_read("draft", 10, 10 * T1)
+    ks = [first.choose("model", 8, unread=20, left=100) for _ in range(8)]
+    assert 0 < sum(k > 0 for k in ks) <= 2                                # one timing is not enough to stop probing
     p = KPolicy(k_max=8, probe_every=4)
     run(p, "model", lambda r, i: False, 40, c=0.05)                      # never right: plain steps and probes
     p.observe_read("draft", 10, 10 * T1)
