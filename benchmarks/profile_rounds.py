@@ -1,6 +1,6 @@
 """Where a round's time goes, per drafter: draft ms, verify ms, the rest (Python between onnxruntime calls), α, τ.
 
-    python benchmarks/profile_rounds.py [--bundle .specedge-demo/bundle] [--workload completion] [--k 4]
+    python benchmarks/profile_rounds.py [--bundle .specedge-demo/bundle] [--workload completion] [--k 4] [--tag NAME]
 
 Greedy, each prompt cold (no prefix reuse), 64 new tokens; prints a table and writes
 benchmarks/results/profile-<workload>-<machine>.json.
@@ -24,11 +24,13 @@ def main() -> None:
     ap.add_argument("--workload", default="completion")
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--tag", default="", help="added to the result's file name (another bundle than the demo's)")
     a = ap.parse_args()
     engine = Engine(a.bundle)
     prompts = [json.loads(line)["prompt"] for line in (HERE / f"{a.workload}.jsonl").read_text().splitlines()]
-    configs = {"plain": dict(speculative=False), "model": dict(drafter="model"), "lookup": dict(drafter="lookup"),
-               "hybrid": dict(drafter="hybrid"), "adaptive-hybrid": dict(drafter="hybrid", adaptive=True)}
+    configs = {"plain": dict(speculative=False), "model": dict(drafter="model", adaptive=False),
+               "lookup": dict(drafter="lookup", adaptive=False), "hybrid": dict(drafter="hybrid", adaptive=False),
+               "adaptive-hybrid": dict(drafter="hybrid", adaptive=True)}
     for opts in configs.values():                                        # warm-up
         engine.generate(prompts[0], GenerationConfig(max_new_tokens=8, k=a.k, **opts))
     rows = {}
@@ -54,7 +56,8 @@ def main() -> None:
         alpha = f"{x['alpha']:.2f}" if x["alpha"] is not None else "-"
         print(f"{name:16} {x['draft_ms_per_round']:9.2f} {x['verify_ms_per_round']:9.2f} {x['other_ms_per_round']:9.2f}"
               f" {x['tau']:5.2f} {alpha:>6} {x['tokens_per_s']:7.1f}")
-    out = HERE / "results" / f"profile-{a.workload}-{platform.machine()}-{os.cpu_count()}core.json"
+    tag = f"{a.tag}-" if a.tag else ""
+    out = HERE / "results" / f"profile-{tag}{a.workload}-{platform.machine()}-{os.cpu_count()}core.json"
     out.write_text(json.dumps({"bundle": str(a.bundle), "workload": a.workload, "k": a.k,
                                "max_new_tokens": a.max_new_tokens, "rows": rows}, indent=1))
 

@@ -271,6 +271,7 @@ def _quantize_target(o: ExportOptions, precision: str, facts: dict, tmp: Path, t
     import json
     from importlib.resources import files
 
+    from ..runtime.kv import ATTENTION_SWITCH
     from .quantize import MIN_TOP1, WIDTHS, choose_precision
 
     if facts["kv_layout"] != "inplace":  # torch.onnx graphs: the quantizer and the padded runtime are the builder's
@@ -281,16 +282,20 @@ def _quantize_target(o: ExportOptions, precision: str, facts: dict, tmp: Path, t
         say(1, 6, f"target precision {why}")
         return "fp32", {"precision": "fp32", "min_step": 1, "reasons": [why]}
     n = max(WIDTHS)
-    ids = parity.long_prompt(tok, 6 * n)
-    # n + 1 tokens of prefix, then the n stepped at every width: two contexts across kv.ATTENTION_SWITCH, one past it
-    steps = [ids[: 2 * n + 1], ids[2 * n + 1 : 4 * n + 2], ids]
+    windows = tuple(facts.get("windows", ()))
+    ends = sorted({j * w + ATTENTION_SWITCH + n // 2 for w in windows if w for j in (1, 2)
+                   if j * w + ATTENTION_SWITCH + n < o.max_length})
+    ids = parity.long_prompt(tok, max([6 * n, *ends]))
+    # n + 1 tokens of prefix or more, then the n stepped at every width: two contexts across kv.ATTENTION_SWITCH, one
+    # past it, and for a sliding window W, contexts across its switches at W + 64 and 2W + 64
+    steps = [ids[: 2 * n + 1], ids[2 * n + 1 : 4 * n + 2], ids[: 6 * n], *(ids[:e] for e in ends)]
     lines = files("specedge.tools").joinpath("data", "heldout.jsonl").read_text(encoding="utf-8").splitlines()
     heldout = [tok.encode(json.loads(line)["prompt"]).ids[:128] for line in lines]   # + 32 greedy tokens each
     say(1, 6, f"checking the target's precision ({precision}): quantized rows at step widths 1..{n}, distance to fp32")
     auto = precision == "auto"
     choice = choose_precision(tmp / "target", tmp / ".quantized", steps, heldout,
                               candidates=("int4", "int8") if auto else (precision,),
-                              min_top1=MIN_TOP1 if auto else 0.0)
+                              min_top1=MIN_TOP1 if auto else 0.0, windows=windows)
     with open(log, "a") as f:
         f.writelines(f"target precision {r}\n" for r in choice.reasons)
     for r in choice.reasons:

@@ -79,7 +79,7 @@ def quantize_graph(src: Path, out: Path, bits: int = 4, block_size: int = BLOCK_
     return out / "model.onnx"
 
 
-def graph_spec(path: Path, max_length: int = 256, min_step: int = 1) -> ModelSpec:
+def graph_spec(path: Path, max_length: int = 256, min_step: int = 1, windows: tuple[int, ...] = ()) -> ModelSpec:
     """A ModelSpec for a builder graph outside a bundle (read off the graph and its genai_config.json), so
     runtime.kv.open_model can drive it; max_length is capped so that a padded step fits the graph's context length."""
     from .graphs import graph_io
@@ -94,15 +94,17 @@ def graph_spec(path: Path, max_length: int = 256, min_step: int = 1) -> ModelSpe
                      graph=path.name, builder="onnxruntime-genai model builder", past_key=PAST_KEY,
                      past_value=PAST_VALUE, present_key=PRESENT_KEY, present_value=PRESENT_VALUE,
                      num_layers=cfg["num_hidden_layers"], num_kv_heads=cfg["num_key_value_heads"],
-                     head_dim=cfg["head_size"], max_length=max_length, rewindable=True, min_step=min_step, **io)
+                     head_dim=cfg["head_size"], max_length=max_length, rewindable=True, min_step=min_step,
+                     windows=tuple(windows), **io)
 
 
-def open_graph(path: Path, max_length: int = 256, threads: int = 0, min_step: int = 1):
-    """A runtime KVModel on a graph file outside a bundle; min_step: its steps' minimum width (KVModel._last)."""
+def open_graph(path: Path, max_length: int = 256, threads: int = 0, min_step: int = 1, windows: tuple[int, ...] = ()):
+    """A runtime KVModel on a graph file outside a bundle; min_step: its steps' minimum width, windows: its layers'
+    sliding windows (both shape how KVModel._last pads and splits steps)."""
     from ..runtime.kv import open_model
 
     path = Path(path)
-    return open_model(path.parent, graph_spec(path, max_length, min_step), "cpu", threads)
+    return open_model(path.parent, graph_spec(path, max_length, min_step, windows), "cpu", threads)
 
 
 @dataclass(frozen=True)
@@ -157,12 +159,12 @@ def _kv_rows(model, lo: int, hi: int) -> np.ndarray:
 
 
 def step_consistency(graph, prompts: list[list[int]], widths=WIDTHS, min_width: int = 1, threads: int = 0,
-                     max_length: int = 256) -> StepReport:
+                     max_length: int = 256, windows: tuple[int, ...] = ()) -> StepReport:
     """Per width w: after each prompt's prefix, one w-token verify pass against w single steps over the same tokens,
     both through the runtime's own KVModel, which pads and splits steps as it would at run time (KVModel._last).
     `graph`: the path of a builder graph file, opened with steps of at least `min_width` tokens, or a KVModel (its
     own min_step applies). Each prompt needs at least max(widths) + 1 tokens: its last max(widths) are stepped."""
-    model = graph if hasattr(graph, "forward") else open_graph(Path(graph), max_length, threads, min_width)
+    model = graph if hasattr(graph, "forward") else open_graph(Path(graph), max_length, threads, min_width, windows)
     widths = tuple(widths)
     n = max(widths)
     stats = {w: [0, 0, 0.0, 0.0, True] for w in widths}   # positions, agree, max logit diff, max kv diff, bitwise
@@ -261,16 +263,17 @@ class Choice:
 
 def choose_precision(fp32_dir: Path, out_root: Path, prompts: list[list[int]], heldout: list[list[int]],
                      candidates=("int4", "int8"), min_width: int = MIN_WIDTH, min_top1: float = MIN_TOP1,
-                     threads: int = 0) -> Choice:
+                     threads: int = 0, windows: tuple[int, ...] = ()) -> Choice:
     """`--target-precision auto`: quantize the fp32 builder graph in fp32_dir to each candidate in turn
     (int8-compute MatMulNBits, block 32) into out_root/<precision>/ and keep the first that is bitwise exact at
     every width 1..MAX_K+1 once padded to min_width, and whose greedy top-1 agreement with fp32 on `heldout`
     prompts is >= min_top1; else the fp32 graph. `prompts`: token ids, each at least MAX_K + 2 long (the step
-    check); `heldout`: held-out prompts (the distance)."""
+    check); `heldout`: held-out prompts (the distance); `windows`: the target's sliding windows, per layer."""
     reasons = []
     for precision in candidates:
         path = quantize_graph(fp32_dir, Path(out_root) / precision, bits={"int4": 4, "int8": 8}[precision])
-        report = step_consistency(path, prompts, min_width=min_width, threads=threads)
+        report = step_consistency(path, prompts, min_width=min_width, threads=threads,
+                                  max_length=max(map(len, prompts)) + min_width, windows=windows)
         if not report.exact:
             reasons.append(f"{precision}: not exact, {report.summary()}")
             continue

@@ -40,7 +40,8 @@ BOUND_MAX_N = 33
 # the context, probabilities V) are MLAS SGEMMs whose K stride is chosen from the context's length, one way up to 64
 # tokens and another past it. A row computed by a pass whose context ends past 64 then differs in its last bits from
 # the same row computed by a step whose context ends at or before 64 (on an AVX-512 Xeon; Gemma 3 270M, int8: max
-# |Δlogit| 0.9, flipped argmaxes). No other length up to 530 does this.
+# |Δlogit| 0.9, flipped argmaxes). With sliding-window layers it switches again 64 tokens past every multiple of the
+# window (Gemma 3's 512-token windows: past 576, 1088, 1600; found by stepping contexts up to 1600).
 ATTENTION_SWITCH = 64
 # The optional graph input that selects the rows reaching the LM head: int64 [1], a slice start over the step's
 # positions (-m: the last m; default 0: all, which is what onnxruntime-genai, never feeding it, gets).
@@ -74,6 +75,10 @@ class KVModel:
         # An input with a default is an overridable initializer to onnxruntime, listed apart from the inputs.
         inputs = session.get_inputs() + session.get_overridable_initializers()
         self._selects_rows = any(i.name == LOGITS_FROM for i in inputs)
+        # the first row a padded single step computes past each switch (_last): a pass never holds rows on both sides
+        switches = {ATTENTION_SWITCH, *(j * w + ATTENTION_SWITCH for w in set(spec.windows) if w
+                                        for j in range(1, spec.max_length // w + 1))}
+        self._cuts = tuple(sorted(s - spec.min_step + 1 for s in switches)) if spec.min_step > 1 else ()
 
     @property
     def pos(self) -> int:
@@ -131,12 +136,12 @@ class KVModel:
         checks it bit for bit, export/quantize.py). The pad rows' outputs are dropped; their KV rows lie past the
         position, so the mask hides them and the next step overwrites them.
 
-        Splitting, for the same reason: rows a padded single step computes with a context of at most
-        ATTENTION_SWITCH tokens (positions < cut) and rows it computes past it are never computed by one pass; a pass
+        Splitting, for the same reason: rows a padded single step computes with a context on either side of an
+        attention switch (ATTENTION_SWITCH; `_cuts`, the first row past each) are never computed by one pass; a pass
         over both is run as two, each in its rows' own regime."""
         n, step = ids.shape[1], self.spec.min_step
-        cut = ATTENTION_SWITCH - step + 1
-        if step > 1 and p < cut < p + n:
+        cut = next((c for c in self._cuts if p < c < p + n), None)
+        if cut is not None:
             a, b = cut - p, p + n - cut                                # rows before the cut, rows from it
             first = self._last(ids[:, :a], p, max(1, m - b), want if m > b else None)
             first = None if first is None else first.copy()            # a bound step's buffer: the next may reuse it

@@ -118,7 +118,8 @@ class LookupDrafter:
 
 class HybridDrafter:
     """Lookup where the context's last `min_match` or more tokens occurred before (free), the model drafter
-    otherwise; a lookup proposal shorter than k is topped up by the model, which drafts after the looked-up tokens.
+    otherwise; a lookup proposal shorter than k is topped up by the model, which drafts after the looked-up tokens
+    (unless the model would first read more than k tokens of context).
     A one-token match is a weak guess (on the demo pair its first token is kept 35% of the time, the model's 65%),
     hence the default min_match of 2.
 
@@ -138,7 +139,7 @@ class HybridDrafter:
 
     def unread(self, tokens: Sequence[int]) -> int:
         """The model's catch-up when it leads; none when lookup does (a lookup-led round tops up with the model only
-        when it has nothing to read, so that a catch-up is paid only where the k policy weighed it)."""
+        when it has at most k tokens to read, so that a long catch-up is paid only where the k policy weighed it)."""
         return self.model.unread(tokens) if self.lead(tokens) == "model" else 0
 
     def propose(self, tokens, k):
@@ -147,7 +148,7 @@ class HybridDrafter:
         m = len(look.tokens)
         self.last = (m, 0)
         ahead = [*tokens, *look.tokens.tolist()]
-        if m == k or self.model is None or (lead == "lookup" and self.model.unread(ahead)):
+        if m == k or self.model is None or (lead == "lookup" and self.model.unread(ahead) > k):
             return look
         # The model drafter feeds whatever its cache has not seen (KVModel.reuse: longest common prefix), so
         # drafting after tokens + the looked-up part keeps its cache consistent with no extra bookkeeping.

@@ -13,6 +13,10 @@ from specedge.runtime import Engine, GenerationConfig  # noqa: E402
 from specedge.tools.serve.scheduler import Job, QueueFull, Scheduler, ShuttingDown  # noqa: E402
 
 LONG = 120   # tokens: the tiny bundle's context is 128
+# A long job has to outlast the test's next step (a cancel, a close, another submit) by a wide margin: every round
+# drafts 8 tokens that the random-weight draft gets wrong (the adaptive policy would rightly stop drafting and finish
+# 120 tokens in tens of milliseconds, racing the test).
+SLOW = dict(speculative=True, drafter="model", adaptive=False, k=8)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +60,12 @@ def test_a_job_streams_what_the_engine_generates(engine):
         try:
             job = Job(ids(engine), GenerationConfig(max_new_tokens=12), None, True)
             s.submit(job)
-            return await collect(job), s.state()
+            out = await collect(job)
+            for _ in range(2000):   # the worker records the job just after handing out its end
+                if s.state()["recent"]:
+                    break
+                await asyncio.sleep(0.001)
+            return out, s.state()
         finally:
             s.close()
 
@@ -69,7 +78,7 @@ def test_the_queue_is_bounded_and_a_cancelled_waiting_job_frees_its_place(engine
     async def go():
         s = Scheduler(engine, 2, False)
         try:
-            jobs = [Job(ids(engine), GenerationConfig(max_new_tokens=LONG), f"u{i}", False) for i in range(3)]
+            jobs = [Job(ids(engine), GenerationConfig(max_new_tokens=LONG, **SLOW), f"u{i}", False) for i in range(3)]
             s.submit(jobs[0])
             await started(jobs[0])
             s.submit(jobs[1]), s.submit(jobs[2])    # two waiting: the queue is full
@@ -99,7 +108,7 @@ def test_latest_wins_cancels_the_older_request(engine, latest_wins):
     async def go():
         s = Scheduler(engine, 4, latest_wins)
         try:
-            cfg = GenerationConfig(max_new_tokens=LONG)
+            cfg = GenerationConfig(max_new_tokens=LONG, **SLOW)
             running, waiting, bob = (Job(ids(engine), cfg, u, True) for u in ("alice", "alice", "bob"))
             s.submit(running)
             await started(running)
@@ -123,7 +132,7 @@ def test_latest_wins_cancels_the_older_request(engine, latest_wins):
 def test_close_cancels_everything_and_refuses_new_jobs(engine):
     async def go():
         s = Scheduler(engine, 4, False)
-        running, waiting = (Job(ids(engine), GenerationConfig(max_new_tokens=LONG), None, False) for _ in range(2))
+        running, waiting = (Job(ids(engine), GenerationConfig(max_new_tokens=LONG, **SLOW), None, False) for _ in range(2))
         s.submit(running), s.submit(waiting)
         await started(running)
         s.close()

@@ -492,7 +492,8 @@ def demo(model, workdir, max_new_tokens, k, heldout, repeats):
     if model is None:
         engine = Engine(d.ensure_bundle(workdir or Path(".specedge-demo"), say=note))
         configs = [d.Config("plain", engine, {"speculative": False}),
-                   d.Config(f"draft model, k {k}", engine, {"drafter": "model", "k": k, "adaptive": False})]
+                   d.Config(f"draft model, k {k}", engine, {"drafter": "model", "k": k, "adaptive": False}),
+                   d.Config("default (adaptive)", engine, {"k": k})]   # what `generate` does with this bundle
         heldout = d.HELDOUT_PROMPTS if heldout is None else heldout
     else:
         from . import demo_real as r

@@ -218,6 +218,17 @@ class OrtGenAI:
         shutil.rmtree(self.dir, ignore_errors=True)  # removes the symlinks, never what they point to
 
 
+def _load_hf(path: Path):
+    """A transformers checkpoint in fp32, for evaluation, without its "Loading weights" bars (they would interleave
+    with the bench's progress)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+
+
 class HFAssisted:
     """transformers generate on the source checkpoints (fp32, CPU): plain greedy (draft None), or assisted generation
     with the draft proposing a fixed k tokens per round."""
@@ -225,16 +236,13 @@ class HFAssisted:
     def __init__(self, target_dir: Path, draft_dir: Path | None, k: int | None, threads: int = 0,
                  eos_token_ids: list[int] | None = None):
         import torch
-        from transformers import AutoModelForCausalLM
-        from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()   # its "Loading weights" bars would interleave with the bench's progress
         if draft_dir is not None and not k:
             raise ValueError("assisted generation needs k, the draft tokens per round")
         if threads:
             torch.set_num_threads(threads)  # process-wide: torch has no per-model setting
         self._torch = torch
-        self.model = AutoModelForCausalLM.from_pretrained(str(target_dir), dtype=torch.float32).eval()
+        self.model = _load_hf(target_dir)
         gc = self.model.generation_config
         eos = eos_token_ids if eos_token_ids is not None else gc.eos_token_id
         self.eos = list(eos) if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos])
@@ -242,7 +250,7 @@ class HFAssisted:
         self.draft = None
         self.k = k
         if draft_dir is not None:
-            self.draft = AutoModelForCausalLM.from_pretrained(str(draft_dir), dtype=torch.float32).eval()
+            self.draft = _load_hf(draft_dir)
             # HF's assisted candidate generator reads these from the *assistant's* generation_config, not from the
             # generate() kwargs: a constant k, and no confidence threshold (it would cut drafts short dynamically).
             dg = self.draft.generation_config
@@ -305,14 +313,13 @@ class HFPromptLookup:
     def __init__(self, target_dir: Path, k: int, threads: int = 0, eos_token_ids: list[int] | None = None,
                  max_ngram: int = 3):
         import torch
-        from transformers import AutoModelForCausalLM
 
         if not k or k < 1:
             raise ValueError("prompt lookup needs k >= 1, the tokens copied per round")
         if threads:
             torch.set_num_threads(threads)  # process-wide: torch has no per-model setting
         self._torch, self.k, self.max_ngram = torch, k, max_ngram
-        self.model = AutoModelForCausalLM.from_pretrained(str(target_dir), dtype=torch.float32).eval()
+        self.model = _load_hf(target_dir)
         gc = self.model.generation_config
         eos = eos_token_ids if eos_token_ids is not None else gc.eos_token_id
         self.eos = list(eos) if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos])
