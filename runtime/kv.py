@@ -37,8 +37,8 @@ _ORT = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 # the draft's catch-up feeds. Longer steps (prompts) allocate per call and run without a graph.
 BOUND_MAX_N = 33
 # The context length at which onnxruntime's CPU GroupQueryAttention changes how it rounds: its two products (Q K' over
-# the context, probabilities V) are MLAS SGEMMs whose K stride is chosen from the context's length, one way up to 64
-# tokens and another past it. A row computed by a pass whose context ends past 64 then differs in its last bits from
+# the context, probabilities V) are MLAS SGEMMs sized by the context's length, and they round one way up to 64 tokens
+# and another past it (most likely MLAS choosing its strides from the sizes; measured, not read off its source). A row computed by a pass whose context ends past 64 then differs in its last bits from
 # the same row computed by a step whose context ends at or before 64 (on an AVX-512 Xeon; Gemma 3 270M, int8: max
 # |Δlogit| 0.9, flipped argmaxes). With sliding-window layers it switches again 64 tokens past every multiple of the
 # window (Gemma 3's 512-token windows: past 576, 1088, 1600; found by stepping contexts up to 1600).
