@@ -77,8 +77,9 @@ class ModelDrafter:
     def lead(self, tokens):
         return "model"
 
-    def unread(self, tokens):
-        ctx = tokens[self._start(tokens) :]
+    def unread(self, tokens):   # per adaptive round: no copy of the context when there is no window
+        start = self._start(tokens)
+        ctx = tokens[start:] if start else tokens
         return _catch_up(len(ctx), self.model.cached(ctx))
 
     def propose(self, tokens, k):
@@ -112,7 +113,7 @@ class ModelDrafter:
 
     def _window(self, tokens: Sequence[int]) -> Sequence[int]:
         self.start = self._start(tokens)
-        return tokens[self.start :]
+        return tokens[self.start :] if self.start else tokens
 
     def _start(self, tokens: Sequence[int]) -> int:
         """Where the window begins for `tokens`: where it began, unless this is a new request or the window is full."""
