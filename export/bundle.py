@@ -272,7 +272,9 @@ def _quantize_target(o: ExportOptions, precision: str, facts: dict, tmp: Path, t
     from importlib.resources import files
 
     from ..runtime.kv import ATTENTION_SWITCH
-    from .quantize import MIN_TOP1, WIDTHS, choose_precision
+    from ..runtime.switches import attention_cuts
+    from .probe import write_attention_probe
+    from .quantize import MIN_TOP1, MIN_WIDTH, WIDTHS, choose_precision
 
     if facts["kv_layout"] != "inplace":  # torch.onnx graphs: the quantizer and the padded runtime are the builder's
         if precision != "auto":
@@ -283,11 +285,16 @@ def _quantize_target(o: ExportOptions, precision: str, facts: dict, tmp: Path, t
         return "fp32", {"precision": "fp32", "min_step": 1, "reasons": [why]}
     n = max(WIDTHS)
     windows = tuple(facts.get("windows", ()))
-    ends = sorted({j * w + ATTENTION_SWITCH + n // 2 for w in windows if w for j in (1, 2)
-                   if j * w + ATTENTION_SWITCH + n < o.max_length})
+    # The attention alone, beside the graph: copied with every quantized candidate, so the step check's KVModel (and
+    # the runtime's, from the bundle) splits passes at the switches this CPU has (runtime/switches.py).
+    probe = write_attention_probe(tmp / "target" / "model.onnx")
+    cuts = attention_cuts(str(probe), o.max_length, MIN_WIDTH, n, 0) if probe else ()
+    ends = sorted({e for e in (*(j * w + ATTENTION_SWITCH + n // 2 for w in windows if w for j in (1, 2)),
+                               *(c + n // 2 for c in cuts)) if 2 * n < e <= o.max_length - MIN_WIDTH})
     ids = parity.long_prompt(tok, max([6 * n, *ends]))
     # n + 1 tokens of prefix or more, then the n stepped at every width: two contexts across kv.ATTENTION_SWITCH, one
-    # past it, and for a sliding window W, contexts across its switches at W + 64 and 2W + 64
+    # past it, for a sliding window W contexts across its switches at W + 64 and 2W + 64, and contexts across every
+    # switch the probe found on this CPU
     steps = [ids[: 2 * n + 1], ids[2 * n + 1 : 4 * n + 2], ids[: 6 * n], *(ids[:e] for e in ends)]
     lines = files("specedge.tools").joinpath("data", "heldout.jsonl").read_text(encoding="utf-8").splitlines()
     heldout = [tok.encode(json.loads(line)["prompt"]).ids[:128] for line in lines]   # + 32 greedy tokens each
@@ -303,6 +310,8 @@ def _quantize_target(o: ExportOptions, precision: str, facts: dict, tmp: Path, t
     if choice.precision != "fp32":
         shutil.rmtree(tmp / "target")
         (tmp / ".quantized" / choice.precision).rename(tmp / "target")
+    elif probe:
+        probe.unlink()   # an fp32 target takes single steps (min_step 1): nothing to split
     shutil.rmtree(tmp / ".quantized", ignore_errors=True)
     if not auto and choice.precision != precision:
         raise ExportError(f"the {precision} target is not exact: {choice.reasons[0]}; use --target-precision auto "

@@ -19,10 +19,12 @@ speculative output equals the quantized target's own plain decoding. The check i
 model (head_dim 16) GroupQueryAttention's SGEMM also gives the 33rd row of a 33-token step other bits, so there no
 minimum width makes width 33 exact and `choose_precision` falls back.
 
-A second split, by context length (runtime/kv.py ATTENTION_SWITCH): GroupQueryAttention's SGEMMs round one way while
-the context is at most 64 tokens and another past it, so on an AVX-512 Xeon a pass across position 63 parted from
-single steps (Gemma 3 270M int8: widths 17..33 after a 47-token prefix). The runtime splits such a pass in two. The
-check runs the runtime's own KVModel, padding and splitting included, over contexts across the switch and past it.
+A second split, by context length (runtime/switches.py): GroupQueryAttention's SGEMMs round one way up to some
+context lengths and another past them, and where depends on the CPU: past 64 (and 64 past each multiple of a sliding
+window) on an AVX-512 Xeon, where a pass across position 63 parted from single steps (Gemma 3 270M int8: widths
+17..33 after a 47-token prefix); also past 192, 320, ... (every 128) on an AMD EPYC. The runtime splits a pass at
+each switch, those above and those the bundle's attention probe finds on the CPU it runs on. The check runs the
+runtime's own KVModel, padding, probe and splitting included, over contexts across every switch the export's CPU has.
 """
 from __future__ import annotations
 
@@ -272,15 +274,15 @@ def choose_precision(fp32_dir: Path, out_root: Path, prompts: list[list[int]], h
     reasons = []
     for precision in candidates:
         path = quantize_graph(fp32_dir, Path(out_root) / precision, bits={"int4": 4, "int8": 8}[precision])
+        d = distance(path, Path(fp32_dir) / "model.onnx", heldout)   # first: the cheaper of the two
+        if d.top1_agreement < min_top1:
+            reasons.append(f"{precision}: top-1 agreement with fp32 {d.top1_agreement:.3f} < {min_top1} "
+                           f"(mean KL {d.mean_kl:.3g})")
+            continue
         report = step_consistency(path, prompts, min_width=min_width, threads=threads,
                                   max_length=max(map(len, prompts)) + min_width, windows=windows)
         if not report.exact:
             reasons.append(f"{precision}: not exact, {report.summary()}")
-            continue
-        d = distance(path, Path(fp32_dir) / "model.onnx", heldout)
-        if d.top1_agreement < min_top1:
-            reasons.append(f"{precision}: exact with steps of >= {min_width} tokens, but top-1 agreement with fp32 "
-                           f"{d.top1_agreement:.3f} < {min_top1} (mean KL {d.mean_kl:.3g})")
             continue
         reasons.append(f"{precision}: exact at every width 1..{max(WIDTHS)} with steps of >= {min_width} tokens; "
                        f"top-1 agreement with fp32 {d.top1_agreement:.3f}, mean KL {d.mean_kl:.3g}")

@@ -14,7 +14,8 @@ positions of a step only. A prompt read asks for none (one is computed), a draft
 verify pass for all; a graph without the input computes all and the rest are dropped here.
 
 Padding: a graph whose spec.min_step > 1 (a quantized CPU target) runs every step as at least min_step tokens, so
-its rows never depend on the step's width (KVModel._last says why).
+its rows never depend on the step's width (KVModel._last says why), and splits a pass that spans a context length
+where this CPU's attention rounds another way (runtime/switches.py finds them).
 
 Concat layout (torch.onnx graphs): the graph returns past ++ new; rewinding slices a view. CPU only.
 """
@@ -30,18 +31,16 @@ import onnxruntime as ort
 from .errors import InvalidArgument
 from .manifest import ModelSpec
 from .providers import make_session
+from .switches import PROBE_FILE, attention_cuts
 
 _NP = {"float32": np.float32, "float16": np.float16}
 _ORT = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 # Step sizes up to k + 1 (k <= 32) keep their buffers and binding, and get a captured CUDA graph: decode, verify and
 # the draft's catch-up feeds. Longer steps (prompts) allocate per call and run without a graph.
 BOUND_MAX_N = 33
-# The context length at which onnxruntime's CPU GroupQueryAttention changes how it rounds: its two products (Q K' over
-# the context, probabilities V) are MLAS SGEMMs sized by the context's length, and they round one way up to 64 tokens
-# and another past it (most likely MLAS choosing its strides from the sizes; measured, not read off its source). A row computed by a pass whose context ends past 64 then differs in its last bits from
-# the same row computed by a step whose context ends at or before 64 (on an AVX-512 Xeon; Gemma 3 270M, int8: max
-# |Δlogit| 0.9, flipped argmaxes). With sliding-window layers it switches again 64 tokens past every multiple of the
-# window (Gemma 3's 512-token windows: past 576, 1088, 1600; found by stepping contexts up to 1600).
+# The context length past which onnxruntime's CPU GroupQueryAttention rounds another way on every CPU measured, and
+# again 64 tokens past every multiple of a sliding window (Gemma 3's 512: past 576, 1088, ...). Where a bundle carries
+# the attention probe (runtime/switches.py), the switches this CPU has are found by running it and added to these.
 ATTENTION_SWITCH = 64
 # The optional graph input that selects the rows reaching the LM head: int64 [1], a slice start over the step's
 # positions (-m: the last m; default 0: all, which is what onnxruntime-genai, never feeding it, gets).
@@ -51,11 +50,16 @@ LOGITS_FROM = "logits_from"
 def open_model(bundle: str | Path, spec: ModelSpec, provider: str = "cpu", threads: int = 0,
                cuda_graph: bool = False) -> "KVModel":
     """The session for one of a bundle's graphs, driven by the class of its KV layout."""
-    session = make_session(str(Path(bundle) / spec.graph), provider, threads, cuda_graph, spec)
+    path = Path(bundle) / spec.graph
+    session = make_session(str(path), provider, threads, cuda_graph, spec)
     layouts = {"inplace": InplaceKV, "concat": ConcatKV}
     if spec.kv_layout not in layouts:
         raise InvalidArgument(f"{spec.graph} has an unknown KV layout {spec.kv_layout!r}; re-export the bundle")
-    return layouts[spec.kv_layout](spec, session, cuda_graph)
+    model = layouts[spec.kv_layout](spec, session, cuda_graph)
+    probe = path.parent / PROBE_FILE
+    if spec.min_step > 1 and model.device == "cpu" and probe.is_file():
+        model.add_cuts(attention_cuts(str(probe), spec.max_length, spec.min_step, BOUND_MAX_N, threads))
+    return model
 
 
 class KVModel:
@@ -79,6 +83,10 @@ class KVModel:
         switches = {ATTENTION_SWITCH, *(j * w + ATTENTION_SWITCH for w in set(spec.windows) if w
                                         for j in range(1, spec.max_length // w + 1))}
         self._cuts = tuple(sorted(s - spec.min_step + 1 for s in switches)) if spec.min_step > 1 else ()
+
+    def add_cuts(self, cuts) -> None:
+        """More rows a pass is split at (the switches the attention probe found on this CPU)."""
+        self._cuts = tuple(sorted({*self._cuts, *cuts}))
 
     @property
     def pos(self) -> int:
@@ -137,8 +145,9 @@ class KVModel:
         position, so the mask hides them and the next step overwrites them.
 
         Splitting, for the same reason: rows a padded single step computes with a context on either side of an
-        attention switch (ATTENTION_SWITCH; `_cuts`, the first row past each) are never computed by one pass; a pass
-        over both is run as two, each in its rows' own regime."""
+        attention switch (ATTENTION_SWITCH and those the attention probe finds on this CPU, runtime/switches.py;
+        `_cuts`, the first row past each) are never computed by one pass; a pass over both is run as parts, each in
+        its rows' own regime."""
         n, step = ids.shape[1], self.spec.min_step
         cut = next((c for c in self._cuts if p < c < p + n), None)
         if cut is not None:

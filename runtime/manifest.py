@@ -56,6 +56,7 @@ class ModelSpec:
     # Optional: the runtime pads every step of this graph to at least `min_step` tokens (kv.py KVModel._last): an
     # int8-compute quantized CPU target is exact only then (export/quantize.py). Its KV buffers and mask hold
     # max_length + min_step - 1 rows so a padded step at the end of the context fits; positions stay < max_length.
+    # Such a graph has its attention probe beside it (runtime/switches.PROBE_FILE), which the runtime runs on load.
     min_step: int = 1
 
 

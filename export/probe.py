@@ -1,0 +1,57 @@
+"""The attention probe: the target graph's GroupQueryAttention nodes alone, written beside a quantized CPU target so
+that the runtime can find, on the CPU it runs on, the context lengths where attention starts rounding another way
+(runtime/switches.py says why and how). The nodes keep their attributes (heads, scale, sliding window, softcap);
+rotary embedding is off and the inputs are random, because only the products' shapes choose MLAS's kernels and
+strides."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+from onnx import TensorProto, helper
+
+from ..runtime.switches import PROBE_FILE
+
+KEEP = ("num_heads", "kv_num_heads", "scale", "local_window_size", "softcap")
+
+
+def write_attention_probe(graph: Path) -> Path | None:
+    """Write the probe for the builder graph file `graph` (one GroupQueryAttention node per distinct set of
+    attributes) to PROBE_FILE beside it, where runtime/kv.open_model looks; None, writing nothing, when the graph has
+    no such node."""
+    graph = Path(graph)
+    head_dim = json.loads((graph.parent / "genai_config.json").read_text())["model"]["decoder"]["head_size"]
+    model = onnx.load(str(graph), load_external_data=False)
+    kinds: dict[tuple, dict] = {}
+    for node in model.graph.node:
+        if node.op_type == "GroupQueryAttention" and node.domain == "com.microsoft":
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute if a.name in KEEP}
+            kinds.setdefault(tuple(sorted(attrs.items())), attrs)
+    if not kinds:
+        return None
+    kv_type = next(i.type.tensor_type.elem_type for i in model.graph.input if i.name.startswith("past_"))
+    nodes, inputs, outputs = [], [], []
+    seqlens = helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"])
+    total = helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [])
+    for j, attrs in enumerate(kinds.values()):
+        h, kvh = attrs["num_heads"], attrs["kv_num_heads"]
+        io = [helper.make_tensor_value_info(f"query.{j}", kv_type, ["batch", "seq", h * head_dim]),
+              helper.make_tensor_value_info(f"key.{j}", kv_type, ["batch", "seq", kvh * head_dim]),
+              helper.make_tensor_value_info(f"value.{j}", kv_type, ["batch", "seq", kvh * head_dim]),
+              helper.make_tensor_value_info(f"past_key.{j}", kv_type, ["batch", kvh, "past", head_dim]),
+              helper.make_tensor_value_info(f"past_value.{j}", kv_type, ["batch", kvh, "past", head_dim])]
+        inputs += io
+        outs = [helper.make_tensor_value_info(f"out.{j}", kv_type, ["batch", "seq", h * head_dim]),
+                helper.make_tensor_value_info(f"present_key.{j}", kv_type, ["batch", kvh, "past", head_dim]),
+                helper.make_tensor_value_info(f"present_value.{j}", kv_type, ["batch", kvh, "past", head_dim])]
+        outputs += outs
+        nodes.append(helper.make_node("GroupQueryAttention", [v.name for v in io] + ["seqlens_k", "total_sequence_length"],
+                                      [v.name for v in outs], name=f"attention.{j}", domain="com.microsoft",
+                                      do_rotary=0, **attrs))
+    g = helper.make_graph(nodes, "attention_probe", inputs + [seqlens, total], outputs)
+    probe = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+                              ir_version=model.ir_version)
+    out = graph.parent / PROBE_FILE
+    onnx.save(probe, str(out))   # into the export's temporary folder, renamed into place with the bundle
+    return out
