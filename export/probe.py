@@ -30,26 +30,25 @@ def write_attention_probe(graph: Path) -> Path | None:
             kinds.setdefault(tuple(sorted(attrs.items())), attrs)
     if not kinds:
         return None
-    kv_type = next(i.type.tensor_type.elem_type for i in model.graph.input if i.name.startswith("past_"))
+    f = TensorProto.FLOAT   # a quantized CPU target's attention is float32, and runtime/switches.Probe feeds float32
     nodes, inputs, outputs = [], [], []
-    seqlens = helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"])
-    total = helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [])
     for j, attrs in enumerate(kinds.values()):
-        h, kvh = attrs["num_heads"], attrs["kv_num_heads"]
-        io = [helper.make_tensor_value_info(f"query.{j}", kv_type, ["batch", "seq", h * head_dim]),
-              helper.make_tensor_value_info(f"key.{j}", kv_type, ["batch", "seq", kvh * head_dim]),
-              helper.make_tensor_value_info(f"value.{j}", kv_type, ["batch", "seq", kvh * head_dim]),
-              helper.make_tensor_value_info(f"past_key.{j}", kv_type, ["batch", kvh, "past", head_dim]),
-              helper.make_tensor_value_info(f"past_value.{j}", kv_type, ["batch", kvh, "past", head_dim])]
+        heads = {"query": attrs["num_heads"], "key": attrs["kv_num_heads"], "value": attrs["kv_num_heads"]}
+        cache = ["batch", attrs["kv_num_heads"], "past", head_dim]
+        io = [helper.make_tensor_value_info(f"{name}.{j}", f, ["batch", "seq", h * head_dim])
+              for name, h in heads.items()]
+        io += [helper.make_tensor_value_info(f"past_{kind}.{j}", f, cache) for kind in ("key", "value")]
+        outs = [helper.make_tensor_value_info(f"out.{j}", f, ["batch", "seq", attrs["num_heads"] * head_dim]),
+                *(helper.make_tensor_value_info(f"present_{kind}.{j}", f, cache) for kind in ("key", "value"))]
         inputs += io
-        outs = [helper.make_tensor_value_info(f"out.{j}", kv_type, ["batch", "seq", h * head_dim]),
-                helper.make_tensor_value_info(f"present_key.{j}", kv_type, ["batch", kvh, "past", head_dim]),
-                helper.make_tensor_value_info(f"present_value.{j}", kv_type, ["batch", kvh, "past", head_dim])]
         outputs += outs
-        nodes.append(helper.make_node("GroupQueryAttention", [v.name for v in io] + ["seqlens_k", "total_sequence_length"],
+        nodes.append(helper.make_node("GroupQueryAttention",
+                                      [v.name for v in io] + ["seqlens_k", "total_sequence_length"],
                                       [v.name for v in outs], name=f"attention.{j}", domain="com.microsoft",
                                       do_rotary=0, **attrs))
-    g = helper.make_graph(nodes, "attention_probe", inputs + [seqlens, total], outputs)
+    inputs += [helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
+               helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [])]
+    g = helper.make_graph(nodes, "attention_probe", inputs, outputs)
     probe = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
                               ir_version=model.ir_version)
     out = graph.parent / PROBE_FILE

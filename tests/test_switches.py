@@ -37,10 +37,11 @@ def probe(tmp_path_factory):
         nodes.append(helper.make_node("GroupQueryAttention", [v.name for v in io] + ["seqlens_k", "total"], outs,
                                       domain="com.microsoft", num_heads=HEADS, kv_num_heads=KV_HEADS,
                                       scale=HEAD_DIM ** -0.5, local_window_size=window, softcap=0.0))
-    inputs += [helper.make_tensor_value_info("seqlens_k", i32, ["b"]), helper.make_tensor_value_info("total", i32, [])]
+    inputs += [helper.make_tensor_value_info("seqlens_k", i32, ["b"]),
+               helper.make_tensor_value_info("total", i32, [])]
     g = helper.make_graph(nodes, "g", inputs, outputs)
-    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]),
-              str(d / "model.onnx"))
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    onnx.save(helper.make_model(g, opset_imports=opsets), str(d / "model.onnx"))
     (d / "genai_config.json").write_text(json.dumps({"model": {"decoder": {"head_size": HEAD_DIM}}}))
     path = write_attention_probe(d / "model.onnx")
     assert path == d / PROBE_FILE
