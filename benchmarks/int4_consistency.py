@@ -3,7 +3,7 @@
     python benchmarks/int4_consistency.py ops GRAPH_DIR [--width 5] [--min-width 1] [--threads 2]
     python benchmarks/int4_consistency.py widths GRAPH_DIR [--min-width 1 2] [--threads 1 2]
     python benchmarks/int4_consistency.py gemv [--threads 1 2]
-    python benchmarks/int4_consistency.py speed FP32_DIR INT4_DIR:2 ... [--threads 2] [--rounds 2]
+    python benchmarks/int4_consistency.py speed FP32_DIR INT4_DIR:2 ... [--threads 2] [--rounds 2] [--prompt-len 100]
     python benchmarks/int4_consistency.py distance INT4_DIR FP32_DIR [--prompts 8]
 
 `ops`: every float intermediate of GRAPH_DIR/model.onnx becomes a graph output; one w-token pass after a prefix
@@ -254,6 +254,7 @@ def main(argv=None) -> None:
     ap.add_argument("--tag", default="")
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--prompt-len", type=int, default=100, help="speed: tokens of context before decoding")
     a = ap.parse_args(argv)
     graph = Path(a.graph[0]) if a.graph else None
     if a.what == "ops":
@@ -264,7 +265,7 @@ def main(argv=None) -> None:
     elif a.what == "widths":
         res = widths(graph, a.min_width, a.threads, a.prompts)
     elif a.what == "speed":
-        res = speed(a.graph, a.threads[0], a.steps, a.rounds, 100)
+        res = speed(a.graph, a.threads[0], a.steps, a.rounds, a.prompt_len)
     elif a.what == "distance":
         res = distance_run(Path(a.graph[0]), Path(a.graph[1]), a.prompts)
     else:
