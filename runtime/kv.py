@@ -21,6 +21,7 @@ Concat layout (torch.onnx graphs): the graph returns past ++ new; rewinding slic
 """
 from __future__ import annotations
 
+import bisect
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,7 +150,8 @@ class KVModel:
         `_cuts`, the first row past each) are never computed by one pass; a pass over both is run as parts, each in
         its rows' own regime."""
         n, step = ids.shape[1], self.spec.min_step
-        cut = next((c for c in self._cuts if p < c < p + n), None)
+        i = bisect.bisect_right(self._cuts, p)                        # the first cut past p (per pass: no scan)
+        cut = self._cuts[i] if i < len(self._cuts) and self._cuts[i] < p + n else None
         if cut is not None:
             a, b = cut - p, p + n - cut                                # rows before the cut, rows from it
             first = self._last(ids[:, :a], p, max(1, m - b), want if m > b else None)

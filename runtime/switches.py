@@ -12,12 +12,12 @@ padded single steps over every context, which is exactly what KVModel must keep 
 the cuts KVModel._last splits passes at."""
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from .errors import BundleError
 from .providers import make_session
 
 PROBE_FILE = "attention_probe.onnx"
@@ -55,17 +55,26 @@ class Probe:
         return np.concatenate([o[0] for o in b.copy_outputs_to_cpu() if o.ndim == 3], axis=-1)   # presents: 4-d
 
 
+_found: dict[tuple, tuple[int, ...]] = {}   # per probe graph (its bytes: a copied or re-exported file too) and shape
+
+
 def attention_cuts(path: str, max_length: int, min_step: int, width: int, threads: int) -> tuple[int, ...]:
     """The rows where a pass of up to `width` rows (`min_step` at least) must be split so that every row is computed
     with a context on the same side of every switch as the padded single step at that row: the first row past each
     switch, ascending. Runs the probe graph at `path` over contexts up to max_length + min_step - 1 (about a second
-    for 2k tokens on 2 cores), once per process for the same file and arguments."""
-    st = Path(path).stat()   # a file rewritten in place (a bundle exported again) is probed again
-    return _cuts(str(path), st.st_mtime_ns, st.st_size, max_length, min_step, width, threads)
+    for 2k tokens on 2 cores), once per process for the same graph and arguments. A probe onnxruntime cannot run
+    (truncated, corrupted) is a BundleError naming it."""
+    key = (Path(path).read_bytes(), max_length, min_step, width, threads)
+    if key not in _found:
+        try:
+            _found[key] = _cuts(path, max_length, min_step, width, threads)
+        except Exception as e:  # onnxruntime's Fail, InvalidProtobuf, ...: no common base but Exception
+            raise BundleError(f"the attention probe {path} cannot be run: {type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:300] if str(e) else ''}; re-export the bundle") from e
+    return _found[key]
 
 
-@functools.lru_cache(maxsize=8)
-def _cuts(path: str, _mtime: int, _size: int, max_length: int, min_step: int, width: int, threads: int):
+def _cuts(path: str, max_length: int, min_step: int, width: int, threads: int) -> tuple[int, ...]:
     probe = Probe(path, max_length + min_step - 1, threads)
     last = max_length - 1                                                    # the last row a single step computes
     single = np.stack([probe.run(r, min_step)[0] for r in range(last + 1)])  # (rows, width): padded single steps

@@ -95,6 +95,21 @@ def test_the_bundle_carries_the_attention_probe_and_the_model_splits_where_it_sa
     assert set(model._cuts) == {*found, ATTENTION_SWITCH - m.target.min_step + 1}
 
 
+def test_a_truncated_attention_probe_is_a_bundle_error_naming_it(int8_bundle, tmp_path):
+    """verify=False skips the hashes: a probe onnxruntime cannot run still fails as the bundle's fault, by name."""
+    import shutil
+
+    from specedge.runtime.errors import BundleError
+    from specedge.runtime.switches import PROBE_FILE
+
+    b = tmp_path / "b"
+    shutil.copytree(int8_bundle, b)
+    f = b / "target" / PROBE_FILE
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(BundleError, match=f"attention probe .*{PROBE_FILE}.*re-export"):
+        Engine(b, verify=False)
+
+
 def _rows(model, ids, lo, hi):
     model.rewind(lo)
     return model.forward(ids[lo:hi]).copy()
