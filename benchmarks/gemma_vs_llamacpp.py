@@ -41,6 +41,9 @@ from specedge.tools.peers import OpenAIStream, Specedge
 HERE = Path(__file__).resolve().parent
 CACHE = Path.home() / ".cache" / "specedge" / "gemma3-270m"
 WORKLOADS = ("editing", "completion", "nopay")   # copy-and-modify, completion, no-pay
+# Checks beside the table, never a side's "best" nor compared for partings: specedge's plain decoding through its HTTP
+# server (--http-check), and another bundle's plain decoding (--compare-bundle: e.g. one exported by older code).
+CHECKS = ("plain-http", "plain-compare")
 
 
 def ours(engine: Engine, ks: list[int]) -> dict[str, Specedge]:
@@ -143,7 +146,7 @@ def summarize(rows: list[dict], workloads: list[str], configs: list[str]) -> dic
         table = {h: {c: cell(w, h, c) for c in configs} for h in ("select", "report")}
         # A one-prompt smoke has no report half: it reports on the selection half, and says so.
         report = "report" if any(table["report"].values()) else "select"
-        side = {"specedge": [c for c in configs if not c.startswith("llama.cpp") and c != "plain-http"],
+        side = {"specedge": [c for c in configs if not c.startswith("llama.cpp") and c not in CHECKS],
                 "llama.cpp": [c for c in configs if c.startswith("llama.cpp")]}
         best = {s: max((c for c in cs if table["select"][c]), key=lambda c: table["select"][c]["decode_tps"],
                        default=None) for s, cs in side.items()}
@@ -167,7 +170,7 @@ def partings(rows: list[dict]) -> dict[str, int]:
              for r in rows if r["config"] in ("plain", "llama.cpp")}
     out: dict[str, int] = {}
     for r in rows:
-        if r["config"] not in ("plain", "llama.cpp") and r["token_ids"]:
+        if r["config"] not in ("plain", "llama.cpp", *CHECKS) and r["token_ids"]:
             ref = plain.get((r["run"], r["workload"], r["prompt"], r["config"].startswith("llama.cpp")))
             out[r["config"]] = out.get(r["config"], 0) + (ref is not None and ref != r["token_ids"])
     return out
@@ -254,6 +257,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--llama-bench", action="store_true", help="also record llama-bench's pp512/tg64")
     ap.add_argument("--http-check", action="store_true",
                     help="also time specedge's plain decoding through `spec-export serve` (config plain-http)")
+    ap.add_argument("--compare-bundle", type=Path, metavar="DIR",
+                    help="also time this bundle's plain decoding, interleaved (config plain-compare)")
     ap.add_argument("--name", default="gemma3-270m-vs-llamacpp-x86_64-2core")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--markdown", type=Path, metavar="JSON", help="print README's table from a results file, run nothing")
@@ -280,6 +285,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if a.http_check:
             configs["plain-http"] = ServedPlain(a.bundle, a.threads)
+        if a.compare_bundle:
+            other = Engine(a.compare_bundle, threads=a.threads)
+            configs["plain-compare"] = Specedge(other, GenerationConfig(temperature=0.0, seed=0, speculative=False))
         say(f"starting llama-server x{1 + len(specs)} ({binary})")
         configs.update(llama(a.gguf, a.threads, eos, specs))
         say(f"warming up {len(configs)} configurations")
@@ -295,6 +303,7 @@ def main(argv: list[str] | None = None) -> None:
     summary = summarize(rows, list(WORKLOADS), list(configs))
     report = {
         "setup": {"bundle": str(a.bundle), "manifest_target": engine.manifest.target.precision,
+                  "compare_bundle": str(a.compare_bundle) if a.compare_bundle else None,
                   "gguf": str(a.gguf), "llama_server": str(binary), "threads": a.threads,
                   "max_new_tokens": a.max_new_tokens, "runs": a.runs, "prompts_per_workload": a.prompts,
                   "context": engine.max_length, "ks": ks, "llama_sweep": [s.name for s in specs],

@@ -15,7 +15,7 @@ from ..runtime.manifest import MANIFEST, Manifest, ModelSpec, TokenizerSpec, sha
 from . import parity
 from .check import check_pair, check_target, require_compatible, tokenizer_fingerprint
 from .distill_card import DISTILL_CARD
-from .graphs import PRECISIONS, build_graph
+from .graphs import PRECISIONS, build_graph, graph_io
 from .osutil import replace_dir
 
 
@@ -220,7 +220,7 @@ def _build(o: ExportOptions, tp: str, dp: str, verdict, tmp: Path, say, context_
         quantization = {}
         if quantize:
             precision, quantization = _quantize_target(o, precision, facts, tmp, tok, say, log)
-            facts = dict(facts, min_step=quantization["min_step"])
+            facts = dict(facts, min_step=quantization["min_step"], **graph_io(tmp / role / "model.onnx"))  # KV dtype
             room = _graph_context(tmp / role) - facts["min_step"] + 1
             if o.max_length > room:  # a padded step at the last position writes rows past it: they need rotary room
                 o = dataclasses.replace(o, max_length=room)
@@ -274,7 +274,7 @@ def _quantize_target(o: ExportOptions, precision: str, facts: dict, tmp: Path, t
     from ..runtime.kv import ATTENTION_SWITCH
     from ..runtime.switches import attention_cuts
     from .probe import write_attention_probe
-    from .quantize import MIN_TOP1, MIN_WIDTH, WIDTHS, choose_precision
+    from .quantize import KV_DTYPE, MIN_TOP1, MIN_WIDTH, WIDTHS, choose_precision
 
     if facts["kv_layout"] != "inplace":  # torch.onnx graphs: the quantizer and the padded runtime are the builder's
         if precision != "auto":
@@ -286,9 +286,13 @@ def _quantize_target(o: ExportOptions, precision: str, facts: dict, tmp: Path, t
     n = max(WIDTHS)
     windows = tuple(facts.get("windows", ()))
     # The attention alone, beside the graph: copied with every quantized candidate, so the step check's KVModel (and
-    # the runtime's, from the bundle) splits passes at the switches this CPU has (runtime/switches.py).
+    # the runtime's, from the bundle) splits passes at the switches this CPU has (runtime/switches.py). Float32 here
+    # (the candidates are first checked with a float32 cache); written again as KV_DTYPE with the cache
+    # (quantize._half_kv_file). The check's contexts cross the switches of both.
     probe = write_attention_probe(tmp / "target" / "model.onnx")
-    cuts = attention_cuts(str(probe), o.max_length, MIN_WIDTH, n, 0) if probe else ()
+    half = write_attention_probe(tmp / "target" / "model.onnx", KV_DTYPE, tmp / ".probe")
+    cuts = {c for p in (probe, half) if p for c in attention_cuts(str(p), o.max_length, MIN_WIDTH, n, 0)}
+    shutil.rmtree(tmp / ".probe", ignore_errors=True)
     ends = sorted({e for e in (*(j * w + ATTENTION_SWITCH + n // 2 for w in windows if w for j in (1, 2)),
                                *(c + n // 2 for c in cuts)) if 2 * n < e <= o.max_length - MIN_WIDTH})
     ids = parity.long_prompt(tok, max([6 * n, *ends]))

@@ -16,10 +16,12 @@ from ..runtime.switches import PROBE_FILE
 KEEP = ("num_heads", "kv_num_heads", "scale", "local_window_size", "softcap")
 
 
-def write_attention_probe(graph: Path) -> Path | None:
+def write_attention_probe(graph: Path, kv_dtype: str | None = None, out: Path | None = None) -> Path | None:
     """Write the probe for the builder graph file `graph` (one GroupQueryAttention node per distinct set of
-    attributes) to PROBE_FILE beside it, where runtime/kv.open_model looks; None, writing nothing, when the graph has
-    no such node."""
+    attributes) to PROBE_FILE beside it, where runtime/kv.open_model looks, or into folder `out`; None, writing
+    nothing, when the graph has no such node. `kv_dtype`: the attention's type (float32, float16), by default the
+    graph's own. The type matters: onnxruntime's CPU kernel converts a float16 cache to float32 buffers of its own,
+    and on an AMD EPYC the float32 kernel's switches every 128 tokens are not there in float16."""
     graph = Path(graph)
     head_dim = json.loads((graph.parent / "genai_config.json").read_text())["model"]["decoder"]["head_size"]
     model = onnx.load(str(graph), load_external_data=False)
@@ -30,7 +32,9 @@ def write_attention_probe(graph: Path) -> Path | None:
             kinds.setdefault(tuple(sorted(attrs.items())), attrs)
     if not kinds:
         return None
-    f = TensorProto.FLOAT   # a quantized CPU target's attention is float32, and runtime/switches.Probe feeds float32
+    types = {v.name: v.type.tensor_type.elem_type for v in model.graph.input}
+    past = next(n.input[3] for n in model.graph.node if n.op_type == "GroupQueryAttention")
+    f = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}[kv_dtype] if kv_dtype else types[past]
     nodes, inputs, outputs = [], [], []
     for j, attrs in enumerate(kinds.values()):
         heads = {"query": attrs["num_heads"], "key": attrs["kv_num_heads"], "value": attrs["kv_num_heads"]}
@@ -51,6 +55,7 @@ def write_attention_probe(graph: Path) -> Path | None:
     g = helper.make_graph(nodes, "attention_probe", inputs, outputs)
     probe = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
                               ir_version=model.ir_version)
-    out = graph.parent / PROBE_FILE
-    onnx.save(probe, str(out))   # into the export's temporary folder, renamed into place with the bundle
-    return out
+    path = (Path(out) if out else graph.parent) / PROBE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(probe, str(path))   # into the export's temporary folder, renamed into place with the bundle
+    return path

@@ -25,6 +25,12 @@ window) on an AVX-512 Xeon, where a pass across position 63 parted from single s
 17..33 after a 47-token prefix); also past 192, 320, ... (every 128) on an AMD EPYC. The runtime splits a pass at
 each switch, those above and those the bundle's attention probe finds on the CPU it runs on. The check runs the
 runtime's own KVModel, padding, probe and splitting included, over contexts across every switch the export's CPU has.
+
+The KV cache of a quantized target is float16 (KV_DTYPE, graphs.half_kv, which has the numbers): attention reads
+the whole cache every step. onnxruntime's CPU attention then converts the cache to float32 buffers of its own before
+its products, which switch rounding at other context lengths (on the AMD EPYC only past 64: the probe is written in
+the cache's type). A candidate is checked twice (choose_precision): with a float32 cache, where no float16 rounding
+can hide a row computed another way, and as shipped.
 """
 from __future__ import annotations
 
@@ -41,6 +47,7 @@ from ..runtime.manifest import ModelSpec
 
 BLOCK_SIZE = 32        # weights per scale; 32 is MLAS's fastest int8-compute block on AVX2/AVX512
 ACCURACY_LEVEL = 4     # 4: int8 activations (the fast CPU path); 0/1: fp32 activations (exact at width 1, 2x slower)
+KV_DTYPE = "float16"   # a quantized CPU target's KV cache (export/graphs.half_kv says why); its probe's too
 WIDTHS = range(1, 34)  # 1 .. MAX_K + 1: every step size speculative decoding uses
 
 
@@ -267,25 +274,58 @@ def choose_precision(fp32_dir: Path, out_root: Path, prompts: list[list[int]], h
                      candidates=("int4", "int8"), min_width: int = MIN_WIDTH, min_top1: float = MIN_TOP1,
                      threads: int = 0, windows: tuple[int, ...] = ()) -> Choice:
     """`--target-precision auto`: quantize the fp32 builder graph in fp32_dir to each candidate in turn
-    (int8-compute MatMulNBits, block 32) into out_root/<precision>/ and keep the first that is bitwise exact at
-    every width 1..MAX_K+1 once padded to min_width, and whose greedy top-1 agreement with fp32 on `heldout`
-    prompts is >= min_top1; else the fp32 graph. `prompts`: token ids, each at least MAX_K + 2 long (the step
-    check); `heldout`: held-out prompts (the distance); `windows`: the target's sliding windows, per layer."""
-    reasons = []
-    for precision in candidates:
-        path = quantize_graph(fp32_dir, Path(out_root) / precision, bits={"int4": 4, "int8": 8}[precision])
-        d = distance(path, Path(fp32_dir) / "model.onnx", heldout)   # first: the cheaper of the two
-        if d.top1_agreement < min_top1:
-            reasons.append(f"{precision}: top-1 agreement with fp32 {d.top1_agreement:.3f} < {min_top1} "
-                           f"(mean KL {d.mean_kl:.3g})")
-            continue
+    (int8-compute MatMulNBits, block 32) into out_root/<precision>/, then give it a KV_DTYPE cache (graphs.half_kv),
+    and keep the first that is bitwise exact at every width 1..MAX_K+1 once padded to min_width, with a float32
+    cache and with its own, and whose greedy top-1 agreement with fp32 on `heldout` prompts is >= min_top1; else the
+    fp32 graph. `prompts`: token ids, each at least MAX_K + 2 long (the step check); `heldout`: held-out prompts
+    (the distance); `windows`: the target's sliding windows, per layer.
+
+    Why both caches: rows computed alike stay alike once rounded to float16, but the rounding can also hide rows
+    computed another way (a last-bit difference that happens to round to the same float16 on the prompts checked,
+    and not on the next). With a float32 cache the check sees whether the kernels compute every row alike, which
+    does not depend on the values; with float16, that the graph shipped is exact."""
+    reasons, reference = [], Path(fp32_dir) / "model.onnx"
+
+    def check(path: Path, cache: str) -> tuple[StepReport, str]:
         report = step_consistency(path, prompts, min_width=min_width, threads=threads,
                                   max_length=max(map(len, prompts)) + min_width, windows=windows)
-        if not report.exact:
-            reasons.append(f"{precision}: not exact, {report.summary()}")
+        return report, "" if report.exact else f"not exact with a {cache} cache, {report.summary()}"
+
+    def far(d: Distance) -> str:
+        return f"top-1 agreement with fp32 {d.top1_agreement:.3f} < {min_top1} (mean KL {d.mean_kl:.3g})" \
+            if d.top1_agreement < min_top1 else ""
+
+    for precision in candidates:
+        path = quantize_graph(fp32_dir, Path(out_root) / precision, bits={"int4": 4, "int8": 8}[precision])
+        d = distance(path, reference, heldout)   # first: the cheapest check
+        why = far(d) or check(path, "float32")[1]
+        if not why:
+            _half_kv_file(path)
+            d = distance(path, reference, heldout)
+            report, why = check(path, KV_DTYPE)
+            why = far(d) or why
+        if why:
+            reasons.append(f"{precision}: {why}")
             continue
-        reasons.append(f"{precision}: exact at every width 1..{max(WIDTHS)} with steps of >= {min_width} tokens; "
-                       f"top-1 agreement with fp32 {d.top1_agreement:.3f}, mean KL {d.mean_kl:.3g}")
+        reasons.append(f"{precision}: exact at every width 1..{max(WIDTHS)} with steps of >= {min_width} tokens "
+                       f"(a {KV_DTYPE} KV cache); top-1 agreement with fp32 {d.top1_agreement:.3f}, "
+                       f"mean KL {d.mean_kl:.3g}")
         return Choice(precision, min_width, path, tuple(reasons), report, d)
     reasons.append("fp32: the exact fallback")
-    return Choice("fp32", 1, Path(fp32_dir) / "model.onnx", tuple(reasons), None, None)
+    return Choice("fp32", 1, reference, tuple(reasons), None, None)
+
+
+def _half_kv_file(path: Path) -> None:
+    """graphs.half_kv on a graph file and its external weights, rewritten in place; an attention probe beside it
+    is written again for the float16 attention."""
+    from ..runtime.switches import PROBE_FILE
+    from .graphs import half_kv
+    from .probe import write_attention_probe
+
+    model = onnx.load(str(path))
+    half_kv(model)
+    for f in path.parent.glob(path.name + "*"):
+        f.unlink()
+    onnx.save(model, str(path), save_as_external_data=True, location=path.name + ".data")
+    if (path.parent / PROBE_FILE).is_file():
+        write_attention_probe(path)

@@ -75,7 +75,7 @@ class KVModel:
         self.seen: list[int] = []     # token ids behind the cache rows; only seen[:pos] is meaningful
         self.run_s = 0.0              # seconds spent inside session.run, for overhead accounting
         outputs = {o.name: o.type for o in session.get_outputs()}
-        self._logits_dtype = _ORT[outputs["logits"]]
+        self.logits_dtype = _ORT[outputs["logits"]]   # np.float32 | np.float16
         self._has_argmax = "argmax" in outputs
         # An input with a default is an overridable initializer to onnxruntime, listed apart from the inputs.
         inputs = session.get_inputs() + session.get_overridable_initializers()
@@ -273,9 +273,9 @@ class InplaceKV(KVModel):
         b = self.session.io_binding()
         ids = np.zeros((1, n), np.int64)
         shape = (1, m, s.vocab_size)
-        logits = np.empty(shape, self._logits_dtype) if cpu else None  # on a GPU: read back only when asked for
+        logits = np.empty(shape, self.logits_dtype) if cpu else None  # on a GPU: read back only when asked for
         logits_ov = self._wrap(logits) if cpu else \
-            ort.OrtValue.ortvalue_from_shape_and_type(shape, self._logits_dtype, self.device, 0)
+            ort.OrtValue.ortvalue_from_shape_and_type(shape, self.logits_dtype, self.device, 0)
         argmax = np.zeros((1, m), np.int64) if self._has_argmax else None
         st = _Step(b, ids, self._wrap(ids), logits, logits_ov, argmax,
                    self._wrap(argmax) if argmax is not None else None, None)

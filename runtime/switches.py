@@ -30,15 +30,16 @@ class Probe:
     def __init__(self, path: str, length: int, threads: int = 0):
         self.session = make_session(path, "cpu", threads)
         shape = {i.name: i.shape for i in self.session.get_inputs()}
+        dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16}[self.session.get_inputs()[0].type]
         self.nodes = sorted({n.rpartition(".")[2] for n in shape if n.startswith("query.")})
         rng = np.random.default_rng(0)
         self.rows, self.binding = {}, self.session.io_binding()
         for j in self.nodes:
             kvh, d = shape[f"past_key.{j}"][1], shape[f"past_key.{j}"][3]
             for kind, width in (("query", shape[f"query.{j}"][2]), ("key", kvh * d), ("value", kvh * d)):
-                self.rows[f"{kind}.{j}"] = rng.standard_normal((length, width)).astype(np.float32)  # (length, width)
+                self.rows[f"{kind}.{j}"] = rng.standard_normal((length, width)).astype(dtype)  # (length, width)
             for kind in ("key", "value"):
-                kv = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, kvh, length, d), np.float32))  # (1, kvh, L, d)
+                kv = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, kvh, length, d), dtype))  # (1, kvh, L, d)
                 self.binding.bind_ortvalue_input(f"past_{kind}.{j}", kv)
                 self.binding.bind_ortvalue_output(f"present_{kind}.{j}", kv)
 

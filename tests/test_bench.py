@@ -5,6 +5,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -147,7 +148,7 @@ def test_parting_at_a_real_tie_is_a_near_tie_and_elsewhere_a_break(tied):
     from specedge.tools.exactness import classify
 
     engine, ids, plain, twin = tied
-    dtype, eos = engine.manifest.target.kv_dtype, engine.eos
+    dtype, eos = np.dtype(engine.target.logits_dtype).name, engine.eos
     tie = classify(engine.target, ids, plain, [twin, *plain[1:]], dtype, eos)
     assert tie.kind == "near-tie" and tie.position == 0 and tie.tokens == [plain[0], twin]
     assert tie.margin <= tie.tolerance == pytest.approx(1e-5 * max(1.0, abs(next_logits(engine.target, ids).max())))

@@ -103,3 +103,24 @@ def test_auto_precision_says_why_it_falls_back(graphs, tmp_path):
     assert choice.precision == "fp32" and choice.min_width == 1 and choice.graph == graphs["fp32"]
     assert [r.split(":")[0] for r in choice.reasons] == ["int4", "int8", "fp32"]
     assert "not exact" in choice.reasons[0] and "not at [33]" in choice.reasons[0]
+
+
+def test_half_kv_stores_the_cache_in_float16_and_changes_nothing_else(graphs, tmp_path):
+    """graphs.half_kv on the fp32 graph: the runtime binds float16 KV buffers, the cache holds what the fp32 graph's
+    holds to float16's precision, and the logits stay within float16 rounding of fp32's (same argmax)."""
+    from specedge.export.graphs import half_kv
+
+    m = onnx.load(str(graphs["fp32"]))
+    attention = sum(n.op_type == "GroupQueryAttention" for n in m.graph.node)
+    assert half_kv(m) == attention > 0 and half_kv(m) == 0      # once: a float16 cache is left alone
+    (tmp_path / "half").mkdir()
+    onnx.save(m, str(tmp_path / "half" / "model.onnx"))
+    (tmp_path / "half" / "genai_config.json").write_bytes((graphs["fp32"].parent / "genai_config.json").read_bytes())
+    ids = _prompts(graphs["fp32"], n=1, length=40)[0]
+    full, half = open_graph(graphs["fp32"]), open_graph(tmp_path / "half" / "model.onnx")
+    assert (full.spec.kv_dtype, half.spec.kv_dtype) == ("float32", "float16")
+    a, b = full.forward(ids), half.forward(ids)                                # (40, vocab) each
+    assert (a.argmax(-1) == b.argmax(-1)).all() and np.abs(a - b).max() < 1e-2 * np.abs(a).max()
+    for layer in range(full.spec.num_layers):
+        for x, y in zip(full.kv(layer), half.kv(layer)):
+            assert y.dtype == np.float16 and np.allclose(x, y, rtol=2e-3, atol=2e-3)

@@ -41,6 +41,7 @@ def int8_bundle(tmp_path_factory, pair):
 def test_int8_target_records_its_step_check_and_distance(int8_bundle):
     m = load_manifest(int8_bundle)
     assert (m.target.precision, m.target.min_step, m.draft.min_step) == ("int8", 2, 1)
+    assert (m.target.kv_dtype, m.draft.kv_dtype) == ("float16", "float32")   # export/quantize.KV_DTYPE
     # max_position_embeddings 256: a padded step at position 254 writes row 255, the rotary cache's last
     assert m.target.max_length == m.draft.max_length == 255 and "1 less for the padded steps" in m.tools["max_length"]
     q = m.parity["target"]["quantization"]
@@ -90,6 +91,10 @@ def test_the_bundle_carries_the_attention_probe_and_the_model_splits_where_it_sa
     m = load_manifest(int8_bundle)
     probe = int8_bundle / "target" / PROBE_FILE
     assert probe.is_file() and f"target/{PROBE_FILE}" in m.files
+    import onnx
+
+    assert {i.type.tensor_type.elem_type for i in onnx.load(str(probe)).graph.input if i.name.startswith("past")} \
+        == {onnx.TensorProto.FLOAT16}                      # the attention as the target runs it: a float16 cache
     found = attention_cuts(str(probe), m.target.max_length, m.target.min_step, BOUND_MAX_N, 0)
     model = open_model(int8_bundle, m.target)
     assert set(model._cuts) == {*found, ATTENTION_SWITCH - m.target.min_step + 1}

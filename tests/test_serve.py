@@ -374,15 +374,23 @@ def test_full_queue_answers_429(fim_bundle, engine):
 def _full_queue(server, engine):
     p = long_prompt(engine)
     h = server.http(KEY)
-    outs = [{} for _ in range(3)]
-    threads = [_stream_in_thread(server.client(KEY), outs[0], prompt=p, max_tokens=LONG, user="u0")]
-    assert outs[0]["started"].wait(30)   # u0 runs; u1 and u2 wait
-    threads += [_stream_in_thread(server.client(KEY), o, prompt=p, max_tokens=LONG, user=f"u{i}")
-                for i, o in enumerate(outs) if i]
-    deadline = time.monotonic() + 30
-    while h.get("/health").json()["waiting"] < 2:   # one running, two waiting: the queue (size 2) is full
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
+    for attempt in range(3):   # a fast machine can finish u0's LONG tokens before u1 and u2 are queued: again
+        clients = [server.client(KEY) for _ in range(3)]   # made first: only the requests race u0
+        outs = [{} for _ in range(3)]
+        threads = [_stream_in_thread(clients[0], outs[0], prompt=p, max_tokens=LONG, user="u0")]
+        assert outs[0]["started"].wait(30)   # u0 runs; u1 and u2 wait
+        threads += [_stream_in_thread(clients[i], o, prompt=p, max_tokens=LONG, user=f"u{i}")
+                    for i, o in enumerate(outs) if i]
+        deadline = time.monotonic() + 30
+        while h.get("/health").json()["waiting"] < 2 and "finish" not in outs[0]:   # one running, two waiting
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        if "finish" not in outs[0]:
+            break                        # the queue (size 2) is full, and u0 still runs
+        for t in threads:
+            t.join(60)
+    else:
+        raise AssertionError("u0 finished before two more requests were queued, three times")
     r = h.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
     assert r.status_code == 429 and r.headers["retry-after"] == "1" and r.json()["error"]["code"] == "queue_full"
     # Latest wins frees the engine: each user's new request cancels its long one (even when the new one gets a 429).

@@ -20,9 +20,10 @@ HEAD_DIM, HEADS, KV_HEADS, WINDOW = 256, 4, 1, 512
 LENGTH, MIN_STEP, WIDTH = 700, 2, 33          # past 64 + WINDOW: the sliding layer's first switch on a Xeon
 
 
-@pytest.fixture(scope="module")
-def probe(tmp_path_factory):
-    """A stand-in for a builder graph (its attention nodes and what the probe reads), and the probe written from it."""
+@pytest.fixture(scope="module", params=["float32", "float16"])
+def probe(tmp_path_factory, request):
+    """A stand-in for a builder graph (its attention nodes and what the probe reads), and the probe written from it
+    in each KV type a target runs with (float16: a quantized CPU target's, export/quantize.KV_DTYPE)."""
     d = tmp_path_factory.mktemp("attn")
     f, i32 = TensorProto.FLOAT, TensorProto.INT32
     inputs, nodes, outputs = [], [], []
@@ -43,8 +44,11 @@ def probe(tmp_path_factory):
     opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
     onnx.save(helper.make_model(g, opset_imports=opsets), str(d / "model.onnx"))
     (d / "genai_config.json").write_text(json.dumps({"model": {"decoder": {"head_size": HEAD_DIM}}}))
-    path = write_attention_probe(d / "model.onnx")
+    path = write_attention_probe(d / "model.onnx", request.param)
     assert path == d / PROBE_FILE
+    kinds = {i.type.tensor_type.elem_type for i in onnx.load(str(path)).graph.input if i.name != "seqlens_k" and
+             i.name != "total_sequence_length"}
+    assert kinds == {helper.np_dtype_to_tensor_dtype(np.dtype(request.param))}
     return str(path)
 
 

@@ -348,7 +348,7 @@ def _partings(name: str, partings: list[Parting], greedy: bool) -> dict:
 def find_partings(engine: Engine, ids: list[list[int]], runs: dict[str, list[Run]], n_prompts: int) -> list[Parting]:
     """Every greedy output that parts from plain decoding, classified as a near-tie or a break."""
     out = []
-    dtype, eos = engine.manifest.target.kv_dtype, engine.eos
+    dtype, eos = np.dtype(engine.target.logits_dtype).name, engine.eos
     for name, rs in runs.items():
         for i, (prompt_ids, plain, other) in enumerate(zip(ids, runs["plain"], rs)):
             if name != "plain" and other.ids_known and plain.token_ids != other.token_ids:

@@ -7,11 +7,11 @@ that, greedy argmax follows the rounding, and plain decoding itself has no stabl
 
 The rule, stated once: recompute the target's logits at the parting position from a fresh cache (the whole prefix
 in one pass, `reference.next_logits`). The parting is a *near-tie* when the tokens both sides chose are each within
-`tolerance(best logit, dtype)` of the best logit; anything else is a *break* (a bug, or a peer that stops
-differently). The tolerance is
-  * float16 graphs: two fp16 steps at the best logit's magnitude, 2 * np.spacing(np.float16(|x|)): one step of
+`tolerance(best logit, dtype)` of the best logit (dtype: the graph's logits', the last rounding a pass makes);
+anything else is a *break* (a bug, or a peer that stops differently). The tolerance is
+  * float16 logits: two fp16 steps at the best logit's magnitude, 2 * np.spacing(np.float16(|x|)): one step of
     rounding in each of the two passes being compared;
-  * float32 graphs: 1e-5 * max(1, |x|): an n-token and a one-token fp32 pass differ by about 1e-6 (their sums are
+  * float32 logits: 1e-5 * max(1, |x|): an n-token and a one-token fp32 pass differ by about 1e-6 (their sums are
     accumulated in another order).
 """
 from __future__ import annotations
@@ -24,9 +24,9 @@ from ..runtime.kv import KVModel
 from ..runtime.reference import next_logits
 
 
-def tolerance(logit: float, kv_dtype: str) -> float:
+def tolerance(logit: float, dtype: str) -> float:
     """How far apart two logits can be and still count as tied under the graph's arithmetic (see the module doc)."""
-    if kv_dtype == "float16":
+    if dtype == "float16":
         return 2 * float(np.spacing(np.float16(abs(logit))))
     return 1e-5 * max(1.0, abs(logit))
 
@@ -43,7 +43,7 @@ class Parting:
     prompt: int | None = None
 
 
-def classify(model: KVModel, prompt: list[int], plain: list[int], other: list[int], kv_dtype: str,
+def classify(model: KVModel, prompt: list[int], plain: list[int], other: list[int], dtype: str,
              eos: frozenset[int] = frozenset()) -> Parting:
     """`plain` and `other` are two greedy responses to `prompt` that differ: where and how they part.
     Leaves `model`'s cache reset."""
@@ -61,5 +61,5 @@ def classify(model: KVModel, prompt: list[int], plain: list[int], other: list[in
     tokens = [chosen(plain), chosen(other)]
     # None: a response stopped without an EOS (a peer's own limit), which no tie explains
     margin = None if None in tokens else max(best - float(logits[t]) for t in tokens)
-    tol = tolerance(best, kv_dtype)
+    tol = tolerance(best, dtype)
     return Parting(j, tokens, margin, tol, "near-tie" if margin is not None and margin <= tol else "break")
