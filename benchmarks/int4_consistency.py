@@ -5,12 +5,17 @@
     python benchmarks/int4_consistency.py gemv [--threads 1 2]
     python benchmarks/int4_consistency.py speed FP32_DIR INT4_DIR:2 ... [--threads 2] [--rounds 2] [--prompt-len 100]
     python benchmarks/int4_consistency.py distance INT4_DIR FP32_DIR [--prompts 8]
+    python benchmarks/int4_consistency.py profile DIR:MIN_WIDTH [--prompt-len 64 550 800] [--steps 64]
+    python benchmarks/int4_consistency.py attention DIR [--prompt-len 64 512 800 1500]
 
 `ops`: every float intermediate of GRAPH_DIR/model.onnx becomes a graph output; one w-token pass after a prefix
 and w single steps over the same tokens run through a plain session (KV buffers of the full length, as the runtime
 binds them); the script prints, in graph order, each op whose rows differ between the two paths (bitwise) and by
 how much, so the first line is where they part. `widths`: export.quantize.step_consistency at each width 1..33 per
 minimum step width and thread count. `gemv`: one MatMulNBits node alone, rows of X[:w] across widths.
+`profile`: onnxruntime's profiler over plain decoding steps after each prompt length, time per step by op type.
+`attention`: the graph's attention alone (one GroupQueryAttention node per layer, each with its own cache, as cold as
+in the model), milliseconds per step by context length, rows per step (1, 2) and cache type (float32, float16).
 Results go to benchmarks/results/int4-consistency-*.json.
 """
 from __future__ import annotations
@@ -242,9 +247,109 @@ def speed(graphs: list[str], threads: int, steps: int, rounds: int, prompt_len: 
     return {"threads": threads, "steps": steps, "rounds": rounds, "prompt_tokens": prompt_len, "runs": out}
 
 
+def profile(graph: str, threads: int, steps: int, prompt_lens: list[int]) -> dict:
+    """Milliseconds per plain decoding step by op type (onnxruntime's profiler, which itself adds about 2 ms a
+    step), after each prompt length: where a step's time goes as the context grows."""
+    from collections import Counter
+
+    from specedge.export.quantize import graph_spec
+    from specedge.runtime import providers
+    from specedge.runtime.kv import open_model
+
+    d, m = Path(graph.split(":")[0]), int(graph.split(":")[1]) if ":" in graph else 1
+    out = []
+    for n in prompt_lens:
+        options = providers.ort.SessionOptions
+
+        class Profiled(options):   # make_session's options, with the profiler on
+            def __init__(self):
+                super().__init__()
+                self.enable_profiling = True
+
+        providers.ort.SessionOptions = Profiled
+        try:
+            model = open_model(d, graph_spec(d / "model.onnx", n + steps + m, 1, ()), "cpu", threads)
+        finally:
+            providers.ort.SessionOptions = options
+        decode_rate(model, prompt_ids(d, n), 8, m)                 # warm up: the bindings, the pages
+        rate = decode_rate(model, prompt_ids(d, n), steps, m)
+        trace = Path(model.session.end_profiling())
+        events = json.loads(trace.read_text())
+        trace.unlink()
+        runs = [e for e in events if e.get("name") == "model_run"][-steps:]
+        start = runs[0]["ts"]
+        by_op: Counter = Counter()
+        for e in events:
+            if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= start:
+                by_op[e["args"]["op_name"]] += e["dur"] / 1000 / steps
+        step = sum(r["dur"] for r in runs) / 1000 / steps
+        print(f"prompt {n}: {rate:.1f} tok/s profiled, {step:.2f} ms per step; " +
+              ", ".join(f"{op} {ms:.2f}" for op, ms in by_op.most_common(6)), flush=True)
+        out.append({"prompt_tokens": n, "tok_s_profiled": rate, "ms_per_step": step,
+                    "ms_per_step_by_op": dict(by_op.most_common())})
+    return {"graph": graph, "threads": threads, "steps": steps, "runs": out}
+
+
+def attention(graph_dir: Path, threads: int, contexts: list[int], repeats: int = 20) -> dict:
+    """Time every layer's attention for one step of 1 or 2 rows, with a float32 and a float16 cache."""
+    import time
+
+    cfg = json.loads((graph_dir / "genai_config.json").read_text())["model"]["decoder"]
+    layers, heads, kvh, d = (cfg[k] for k in ("num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                                              "head_size"))
+    length = max(contexts)
+    out = []
+    for dtype, proto in ((np.float32, TensorProto.FLOAT), (np.float16, TensorProto.FLOAT16)):
+        nodes, inputs, outputs = [], [], []
+        for i in range(layers):
+            io = [helper.make_tensor_value_info(f"{n}.{i}", proto, ["b", "s", h * d])
+                  for n, h in (("q", heads), ("k", kvh), ("v", kvh))]
+            io += [helper.make_tensor_value_info(f"past_{n}.{i}", proto, ["b", kvh, "p", d]) for n in ("k", "v")]
+            outs = [helper.make_tensor_value_info(f"out.{i}", proto, ["b", "s", heads * d]),
+                    *(helper.make_tensor_value_info(f"present_{n}.{i}", proto, ["b", kvh, "p", d]) for n in "kv")]
+            inputs += io
+            outputs += outs
+            nodes.append(helper.make_node("GroupQueryAttention", [v.name for v in io] + ["seqlens_k", "total"],
+                                          [v.name for v in outs], domain="com.microsoft", num_heads=heads,
+                                          kv_num_heads=kvh, scale=d ** -0.5))
+        inputs += [helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["b"]),
+                   helper.make_tensor_value_info("total", TensorProto.INT32, [])]
+        model = helper.make_model(helper.make_graph(nodes, "attention", inputs, outputs),
+                                  opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        rng = np.random.default_rng(0)
+        b = session.io_binding()
+        for i in range(layers):
+            for n in "kv":   # one in-place cache per layer and kind, as the runtime binds them
+                kv = ort.OrtValue.ortvalue_from_numpy(rng.standard_normal((1, kvh, length + 2, d)).astype(dtype))
+                b.bind_ortvalue_input(f"past_{n}.{i}", kv)
+                b.bind_ortvalue_output(f"present_{n}.{i}", kv)
+        for ctx in contexts:
+            for rows in (1, 2):
+                for i in range(layers):
+                    for n, h in (("q", heads), ("k", kvh), ("v", kvh)):
+                        b.bind_cpu_input(f"{n}.{i}", rng.standard_normal((1, rows, h * d)).astype(dtype))
+                    b.bind_output(f"out.{i}", "cpu")
+                b.bind_cpu_input("seqlens_k", np.array([ctx - 1], np.int32))
+                b.bind_cpu_input("total", np.array(ctx, np.int32))
+                for _ in range(3):
+                    session.run_with_iobinding(b)
+                t = time.perf_counter()
+                for _ in range(repeats):
+                    session.run_with_iobinding(b)
+                ms = (time.perf_counter() - t) / repeats * 1000
+                print(f"{np.dtype(dtype).name} cache, context {ctx}, {rows} row(s): {ms:.2f} ms for {layers} layers",
+                      flush=True)
+                out.append({"cache": np.dtype(dtype).name, "context": ctx, "rows": rows, "ms_all_layers": ms})
+    return {"graph": str(graph_dir), "layers": layers, "heads": heads, "kv_heads": kvh, "head_size": d,
+            "threads": threads, "runs": out}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["ops", "widths", "gemv", "speed", "distance"])
+    ap.add_argument("what", choices=["ops", "widths", "gemv", "speed", "distance", "profile", "attention"])
     ap.add_argument("graph", nargs="*")
     ap.add_argument("--width", type=int, default=5)
     ap.add_argument("--prefix", type=int, default=40)
@@ -254,7 +359,8 @@ def main(argv=None) -> None:
     ap.add_argument("--tag", default="")
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--prompt-len", type=int, default=100, help="speed: tokens of context before decoding")
+    ap.add_argument("--prompt-len", type=int, nargs="+", default=[100],
+                    help="speed: tokens of context before decoding (profile: one run per value)")
     a = ap.parse_args(argv)
     graph = Path(a.graph[0]) if a.graph else None
     if a.what == "ops":
@@ -265,7 +371,11 @@ def main(argv=None) -> None:
     elif a.what == "widths":
         res = widths(graph, a.min_width, a.threads, a.prompts)
     elif a.what == "speed":
-        res = speed(a.graph, a.threads[0], a.steps, a.rounds, a.prompt_len)
+        res = speed(a.graph, a.threads[0], a.steps, a.rounds, a.prompt_len[0])
+    elif a.what == "profile":
+        res = profile(a.graph[0], a.threads[0], a.steps, a.prompt_len)
+    elif a.what == "attention":
+        res = attention(graph, a.threads[0], a.prompt_len)
     elif a.what == "distance":
         res = distance_run(Path(a.graph[0]), Path(a.graph[1]), a.prompts)
     else:
