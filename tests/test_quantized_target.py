@@ -8,6 +8,7 @@ of a 33-token step other bits, so no minimum width is exact there (test_quantize
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 
 from specedge.export.bundle import ExportOptions, export_bundle
@@ -91,8 +92,6 @@ def test_the_bundle_carries_the_attention_probe_and_the_model_splits_where_it_sa
     m = load_manifest(int8_bundle)
     probe = int8_bundle / "target" / PROBE_FILE
     assert probe.is_file() and f"target/{PROBE_FILE}" in m.files
-    import onnx
-
     assert {i.type.tensor_type.elem_type for i in onnx.load(str(probe)).graph.input if i.name.startswith("past")} \
         == {onnx.TensorProto.FLOAT16}                      # the attention as the target runs it: a float16 cache
     found = attention_cuts(str(probe), m.target.max_length, m.target.min_step, BOUND_MAX_N, 0)
@@ -202,7 +201,9 @@ def test_auto_says_what_it_chose_and_why(pair, tmp_path):
 
 def test_explicit_int4_that_is_not_exact_is_refused(checkpoints, tmp_path):
     target, _ = checkpoints("llama")   # head_dim 16: width 33 differs whatever the padding
-    with pytest.raises(ExportError, match=r"int4 target is not exact: int4: not exact.*not at \[33\]"):
+    # refused by the float32-cache check: with a float16 cache alone, rounding hid width 33's other bits on this model
+    with pytest.raises(ExportError,
+                       match=r"int4 target is not exact: int4: not exact with a float32 cache.*not at \[33\]"):
         export_bundle(ExportOptions(target=target, draft=None, out=tmp_path / "b", max_length=128,
                                     target_precision="int4"))
     assert not (tmp_path / "b").exists()
