@@ -32,15 +32,14 @@ def reduced_copy(full: Path, spec, kept: np.ndarray, out: Path) -> Path:
     import onnx
 
     from specedge.export.draft_vocab import reduce_head
+    from specedge.export.osutil import save_graph
 
     shutil.copytree(full / Path(spec.graph).parent, out / Path(spec.graph).parent)
     path = out / spec.graph
     g = onnx.load(str(path))  # drop the argmax the export added: reduce_head adds its own, through the id map
     g.graph.node.remove(next(n for n in g.graph.node if n.output[0] == "argmax"))
     g.graph.output.remove(next(o for o in g.graph.output if o.name == "argmax"))
-    for f in path.parent.glob(path.name + "*"):
-        f.unlink()
-    onnx.save(g, str(path), save_as_external_data=True, location=path.name + ".data")
+    save_graph(g, path)
     reduce_head(path, kept)
     return out
 

@@ -26,6 +26,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..runtime.errors import ExportError, InvalidArgument
+from .osutil import save_graph
 
 # Elementwise ops that may sit between the head's MatMul and the logits output (Gemma 2's soft-capping: Div, Tanh,
 # Mul; casts of fp16 graphs). They work on any last dimension, so they follow the head's new width unchanged.
@@ -144,9 +145,7 @@ def reduce_head(path: Path, kept: np.ndarray) -> None:
     ])
     rows = [d.dim_param or d.dim_value for d in out.type.tensor_type.shape.dim[:2]]   # the logits' [b, n]
     g.output.append(helper.make_tensor_value_info("argmax", onnx.TensorProto.INT64, rows))
-    for f in path.parent.glob(path.name + "*"):
-        f.unlink()
-    onnx.save(m, str(path), save_as_external_data=True, location=path.name + ".data")
+    save_graph(m, path)
 
 
 def _slice_head(node, g, inits, producer, kept: np.ndarray) -> None:

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..runtime.errors import ExportError
 from ..runtime.providers import cache_root
-from .osutil import die_with_parent
+from .osutil import die_with_parent, save_graph
 
 MODELOPT = "nvidia-modelopt[onnx]==0.47.0"
 TORCH = "torch==2.13.0"   # installed first: ModelOpt depends on torch, and an unpinned one pulls a CUDA build
@@ -82,8 +82,6 @@ def quantize_fp8(path: Path, calibration: dict[str, np.ndarray], log: Path) -> N
                           f"of {log.name}:\n{tail}")
     import onnx
 
-    for f in path.parent.glob(path.name + "*"):
-        f.unlink()
     model = onnx.load(str(work / "model.onnx"))
-    onnx.save(model, str(path), save_as_external_data=True, location=path.name + ".data")
+    save_graph(model, path)
     shutil.rmtree(work)

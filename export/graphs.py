@@ -17,7 +17,7 @@ import onnx
 
 from ..runtime.errors import ExportError
 from .check import TOKENIZER_FILES, layer_windows
-from .osutil import die_with_parent
+from .osutil import die_with_parent, save_graph
 from .draft_vocab import lm_head, map_sha256, reduce_head
 from .torch_export import PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE
 from ..runtime.kv import LOGITS_FROM
@@ -149,9 +149,7 @@ def quantize_matmul_nbits(path: Path, bits: int) -> None:
     untie_transposed_weights(model)
     q = MatMulNBitsQuantizer(model, bits=bits, block_size=32, is_symmetric=True)
     q.process()
-    for f in path.parent.glob(path.name + "*"):
-        f.unlink()
-    onnx.save(q.model.model, str(path), save_as_external_data=True, location=path.name + ".data")
+    save_graph(q.model.model, path)
 
 
 def untie_transposed_weights(model: onnx.ModelProto) -> int:

@@ -1,5 +1,6 @@
 """What the exporters ask of the operating system: write a file or swap a folder in without a reader ever seeing it
-half-written, and keep a child process from outliving the export that started it. Standard library only."""
+half-written, replace a graph file and its weights, and keep a child process from outliving the export that started
+it. Standard library only, but for onnx where a graph is saved."""
 from __future__ import annotations
 
 import contextlib
@@ -52,3 +53,13 @@ def die_with_parent() -> None:
         import signal
 
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+
+
+def save_graph(model, path: Path) -> None:
+    """Replace the graph file `path` and its external weights (path.name + ".data") with onnx ModelProto `model`'s."""
+    import onnx
+
+    path = Path(path)
+    for f in path.parent.glob(path.name + "*"):
+        f.unlink()
+    onnx.save(model, str(path), save_as_external_data=True, location=path.name + ".data")

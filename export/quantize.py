@@ -44,6 +44,7 @@ import numpy as np
 import onnx
 
 from ..runtime.manifest import ModelSpec
+from .osutil import save_graph
 
 BLOCK_SIZE = 32        # weights per scale; 32 is MLAS's fastest int8-compute block on AVX2/AVX512
 ACCURACY_LEVEL = 4     # 4: int8 activations (the fast CPU path); 0/1: fp32 activations (exact at width 1, 2x slower)
@@ -82,9 +83,7 @@ def quantize_graph(src: Path, out: Path, bits: int = 4, block_size: int = BLOCK_
     for f in src.iterdir():
         if f.is_file() and not f.name.startswith("model.onnx"):
             shutil.copyfile(f, out / f.name)
-    for f in out.glob("model.onnx*"):
-        f.unlink()
-    onnx.save(model, str(out / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
+    save_graph(model, out / "model.onnx")
     return out / "model.onnx"
 
 
@@ -324,8 +323,6 @@ def _half_kv_file(path: Path) -> None:
 
     model = onnx.load(str(path))
     half_kv(model)
-    for f in path.parent.glob(path.name + "*"):
-        f.unlink()
-    onnx.save(model, str(path), save_as_external_data=True, location=path.name + ".data")
+    save_graph(model, path)
     if (path.parent / PROBE_FILE).is_file():
         write_attention_probe(path)

@@ -32,10 +32,9 @@ import onnxruntime as ort
 from .errors import InvalidArgument
 from .manifest import ModelSpec
 from .providers import make_session
-from .switches import PROBE_FILE, attention_cuts
+from .switches import FLOATS, PROBE_FILE, attention_cuts
 
 _NP = {"float32": np.float32, "float16": np.float16}
-_ORT = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 # Step sizes up to k + 1 (k <= 32) keep their buffers and binding, and get a captured CUDA graph: decode, verify and
 # the draft's catch-up feeds. Longer steps (prompts) allocate per call and run without a graph.
 BOUND_MAX_N = 33
@@ -75,7 +74,7 @@ class KVModel:
         self.seen: list[int] = []     # token ids behind the cache rows; only seen[:pos] is meaningful
         self.run_s = 0.0              # seconds spent inside session.run, for overhead accounting
         outputs = {o.name: o.type for o in session.get_outputs()}
-        self.logits_dtype = _ORT[outputs["logits"]]   # np.float32 | np.float16
+        self.logits_dtype = FLOATS[outputs["logits"]]   # np.float32 | np.float16
         self._has_argmax = "argmax" in outputs
         # An input with a default is an overridable initializer to onnxruntime, listed apart from the inputs.
         inputs = session.get_inputs() + session.get_overridable_initializers()

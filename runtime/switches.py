@@ -21,6 +21,7 @@ from .errors import BundleError
 from .providers import make_session
 
 PROBE_FILE = "attention_probe.onnx"
+FLOATS = {"tensor(float)": np.float32, "tensor(float16)": np.float16}   # onnxruntime's float types, as numpy's
 
 
 class Probe:
@@ -30,7 +31,7 @@ class Probe:
     def __init__(self, path: str, length: int, threads: int = 0):
         self.session = make_session(path, "cpu", threads)
         shape = {i.name: i.shape for i in self.session.get_inputs()}
-        dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16}[self.session.get_inputs()[0].type]
+        dtype = FLOATS[self.session.get_inputs()[0].type]
         self.nodes = sorted({n.rpartition(".")[2] for n in shape if n.startswith("query.")})
         rng = np.random.default_rng(0)
         self.rows, self.binding = {}, self.session.io_binding()
