@@ -256,8 +256,11 @@ def profile(graph: str, threads: int, steps: int, prompt_lens: list[int]) -> dic
     from specedge.runtime import providers
     from specedge.runtime.kv import open_model
 
+    import tempfile
+
     d, m = Path(graph.split(":")[0]), int(graph.split(":")[1]) if ":" in graph else 1
     out = []
+    traces = tempfile.TemporaryDirectory()   # every session opened meanwhile profiles (the attention probe's too)
     for n in prompt_lens:
         options = providers.ort.SessionOptions
 
@@ -265,6 +268,7 @@ def profile(graph: str, threads: int, steps: int, prompt_lens: list[int]) -> dic
             def __init__(self):
                 super().__init__()
                 self.enable_profiling = True
+                self.profile_file_prefix = str(Path(traces.name) / "ort")
 
         providers.ort.SessionOptions = Profiled
         try:
@@ -273,9 +277,7 @@ def profile(graph: str, threads: int, steps: int, prompt_lens: list[int]) -> dic
             providers.ort.SessionOptions = options
         decode_rate(model, prompt_ids(d, n), 8, m)                 # warm up: the bindings, the pages
         rate = decode_rate(model, prompt_ids(d, n), steps, m)
-        trace = Path(model.session.end_profiling())
-        events = json.loads(trace.read_text())
-        trace.unlink()
+        events = json.loads(Path(model.session.end_profiling()).read_text())
         runs = [e for e in events if e.get("name") == "model_run"][-steps:]
         start = runs[0]["ts"]
         by_op: Counter = Counter()
@@ -287,6 +289,7 @@ def profile(graph: str, threads: int, steps: int, prompt_lens: list[int]) -> dic
               ", ".join(f"{op} {ms:.2f}" for op, ms in by_op.most_common(6)), flush=True)
         out.append({"prompt_tokens": n, "tok_s_profiled": rate, "ms_per_step": step,
                     "ms_per_step_by_op": dict(by_op.most_common())})
+    traces.cleanup()
     return {"graph": graph, "threads": threads, "steps": steps, "runs": out}
 
 

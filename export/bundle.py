@@ -221,10 +221,11 @@ def _build(o: ExportOptions, tp: str, dp: str, verdict, tmp: Path, say, context_
         if quantize:
             precision, quantization = _quantize_target(o, precision, facts, tmp, tok, say, log)
             facts = dict(facts, min_step=quantization["min_step"], **graph_io(tmp / role / "model.onnx"))  # KV dtype
-            room = _graph_context(tmp / role) - facts["min_step"] + 1
+            width = max(facts["min_step"], facts["attention_rows"])
+            room = _graph_context(tmp / role) - width + 1
             if o.max_length > room:  # a padded step at the last position writes rows past it: they need rotary room
                 o = dataclasses.replace(o, max_length=room)
-                context_note += f"; {facts['min_step'] - 1} less for the padded steps of the {precision} target"
+                context_note += f"; {width - 1} less for the padded steps of the {precision} target"
                 prompts = [p[:room] for p in prompts]
         spec = ModelSpec(role=role, architecture=info.architecture, model_type=info.model_type,
                          parameters=info.parameters, precision=precision, provider=o.device,
@@ -288,7 +289,7 @@ def _quantize_target(o: ExportOptions, precision: str, facts: dict, tmp: Path, t
     # The attention alone, beside the graph: copied with every quantized candidate, so the step check's KVModel (and
     # the runtime's, from the bundle) splits passes at the switches this CPU has (runtime/switches.py). Float32 here
     # (the candidates are first checked with a float32 cache); written again as KV_DTYPE with the cache
-    # (quantize._half_kv_file). The check's contexts cross the switches of both.
+    # (quantize.choose_precision). The check's contexts cross the switches of both.
     probe = write_attention_probe(tmp / "target" / "model.onnx")
     half = write_attention_probe(tmp / "target" / "model.onnx", KV_DTYPE, tmp / ".probe")
     cuts = {c for p in (probe, half) if p for c in attention_cuts(str(p), o.max_length, MIN_WIDTH, n, 0)}

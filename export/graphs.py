@@ -243,6 +243,68 @@ def half_kv(model: onnx.ModelProto) -> int:
     return changed
 
 
+ATTENTION_ROWS = "specedge_attention_rows"   # the initializer pad_attention leaves: graph_io reads it back
+
+
+def pad_attention(model: onnx.ModelProto, rows: int = 2) -> int:
+    """Every GroupQueryAttention computes at least `rows` query rows, whatever the step's width: a narrower step's
+    query/key/value get their last row repeated (Pad, edge) and the sequence lengths the node reads grow to match;
+    the output is cut back to the step's rows. Returns how many attention nodes changed.
+
+    Why: onnxruntime's CPU attention computes a one-row step with other kernels (MLAS's GEMV for P·V) than the same
+    row in a wider pass, so a quantized target needs every step at least 2 rows wide to stay exact
+    (export/quantize.py). Padding the whole step (kv.KVModel._last, min_step) also runs every MatMulNBits, most of
+    the step's time, on the pad row, where MatMulNBits' one-row kernel gives the row of a wider product bit for bit
+    (8 bits, block 32; the export's step check is what decides). Padded here, only attention does the extra row. The
+    repeated row writes its K/V one position past the step, which the mask hides and the next step overwrites, as
+    with min_step: the cache keeps rows - 1 rows of room (ModelSpec.attention_rows)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = model.graph
+    gqa = [n for n in g.node if n.op_type == "GroupQueryAttention"]
+    if not gqa or any(t.name == ATTENTION_ROWS for t in g.initializer):
+        return 0
+    # one shared subgraph: s = the step's width, extra = max(rows - s, 0) as the Pad's pads and in int32
+    p = "/specedge/pad_attention"
+    g.initializer.extend([numpy_helper.from_array(np.array([rows], np.int64), ATTENTION_ROWS),
+                          numpy_helper.from_array(np.array([0], np.int64), f"{p}/zero"),
+                          numpy_helper.from_array(np.array([1], np.int64), f"{p}/one"),
+                          numpy_helper.from_array(np.zeros(4, np.int64), f"{p}/zeros4")])
+    shared = [
+        helper.make_node("Shape", ["input_ids"], [f"{p}/s"], start=1, end=2, name=f"{p}/Shape"),   # [1] int64
+        helper.make_node("Sub", [ATTENTION_ROWS, f"{p}/s"], [f"{p}/short"], name=f"{p}/Sub"),
+        helper.make_node("Max", [f"{p}/short", f"{p}/zero"], [f"{p}/extra"], name=f"{p}/Max"),   # [1] int64
+        helper.make_node("Concat", [f"{p}/zeros4", f"{p}/extra", f"{p}/zero"], [f"{p}/pads"], axis=0,
+                         name=f"{p}/pads"),                                                      # (B, S, D) pads
+        helper.make_node("Cast", [f"{p}/extra"], [f"{p}/extra32"], to=TensorProto.INT32, name=f"{p}/Cast"),
+    ]
+    nodes, grown = shared, {}   # the shared nodes read only input_ids and constants: first
+    for n in g.node:
+        if n.op_type != "GroupQueryAttention":
+            nodes.append(n)
+            continue
+        for j in (0, 1, 2):   # query, key, value (key and value empty where the query is packed)
+            if j < len(n.input) and n.input[j]:
+                name = n.input[j]
+                nodes.append(helper.make_node("Pad", [name, f"{p}/pads"], [f"{name}/padded"], mode="edge",
+                                              name=f"{name}/Pad"))
+                n.input[j] = f"{name}/padded"
+        # seqlens_k (B,), the last position each sequence writes, grows; total_sequence_length stays: with the
+        # in-place cache it is the buffer's length (a bound), which holds the extra row (attention_rows)
+        if n.input[5] not in grown:
+            grown[n.input[5]] = f"{n.input[5]}/padded"
+            nodes.append(helper.make_node("Add", [n.input[5], f"{p}/extra32"], [grown[n.input[5]]],
+                                          name=f"{n.input[5]}/Add"))
+        n.input[5] = grown[n.input[5]]
+        out = n.output[0]
+        n.output[0] = f"{out}/padded"
+        nodes += [n, helper.make_node("Slice", [n.output[0], f"{p}/zero", f"{p}/s", f"{p}/one"], [out],
+                                      name=f"{out}/Slice")]
+    del g.node[:]
+    g.node.extend(nodes)
+    return len(gqa)
+
+
 def weight_bytes_per_step(path: Path) -> int:
     """Bytes of weights one decode step reads: every constant a MatMul/MatMulNBits/Gemm multiplies by (through a
     Transpose too). Embedding tables are left out: a Gather reads one row per token."""
@@ -346,5 +408,6 @@ def graph_io(path: Path) -> dict:
     # GroupQueryAttention writes into a shared past/present buffer; anything else (the builder's fp16 CPU graphs,
     # torch.onnx graphs) returns concat(past, new). The layout is read off the graph, never assumed.
     inplace = any(n.op_type == "GroupQueryAttention" for n in m.graph.node)
+    rows = next((int(onnx.numpy_helper.to_array(t)[0]) for t in g.initializer if t.name == ATTENTION_ROWS), 1)
     return dict(inputs=inputs, outputs=outputs, vocab_size=vocab, kv_dtype=_DTYPES[kv.type.tensor_type.elem_type],
-                kv_layout="inplace" if inplace else "concat")
+                kv_layout="inplace" if inplace else "concat", attention_rows=rows)

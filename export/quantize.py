@@ -9,15 +9,19 @@ activations the same 1e-6 stays 1e-6. So a quantized target is exact only if eve
 same whatever the step's width, and the check below measures exactly that (argmax at every position, logits and the
 KV rows a verify pass writes).
 
-On onnxruntime 1.32's CPU provider, a one-token step takes other kernels than a step of 2 or more tokens: MLAS's
-M = 1 paths (MatMulNBits' single-row kernel, SGEMM's GEMV). In Gemma 3 270M's int4 graph the paths part at the first
-op, layer 0's qkv MatMulNBits (|Δ| 8e-5, float rounding); the next MatMulNBits turns that into 4e-3 (int8 rounding
-flips) and the logits end 2-5 apart. Every width from 2 up gives rows identical bit for bit. Hence `min_width`: a
-runtime that pads every step to at least min_width tokens (the padded rows' logits are ignored; the KV rows they
-write lie past the position and the next step overwrites them) computes every row the same way, and greedy
-speculative output equals the quantized target's own plain decoding. The check is what decides, per graph: on a tiny
-model (head_dim 16) GroupQueryAttention's SGEMM also gives the 33rd row of a 33-token step other bits, so there no
-minimum width makes width 33 exact and `choose_precision` falls back.
+On onnxruntime 1.32's CPU provider, a one-token step can take other kernels than a step of 2 or more tokens:
+MLAS's M = 1 paths (MatMulNBits' single-row kernel, SGEMM's GEMV). In Gemma 3 270M's int4 builder graph (stop 26)
+the paths parted at the first op, layer 0's qkv MatMulNBits (|Δ| 8e-5, float rounding); the next MatMulNBits turned
+that into 4e-3 (int8 rounding flips) and the logits ended 2-5 apart. GroupQueryAttention's one-row step takes the
+GEMV for P·V on every CPU measured. Every width from 2 up gives rows identical bit for bit. Hence two ways to make
+every row alike: the graph runs its attention on at least MIN_WIDTH rows (graphs.pad_attention: the step's last
+query/key/value row repeated, its output dropped), which is enough where MatMulNBits' one-row kernel gives the row
+of a wider product bit for bit (8 bits, block 32 on the AMD EPYC and the tiny test models: plain decoding then runs
+MatMulNBits on one row, 1.11x faster after 64 tokens of context and 1.21x after 550 for Gemma 3 270M int8); else the
+runtime pads every step to min_width tokens (KVModel._last). The check decides, per graph, trying the first and then
+the second. The padded rows' KV rows lie past the position and the next step overwrites them. On a tiny model
+(head_dim 16) GroupQueryAttention's SGEMM also gives the 33rd row of a 33-token step other bits, so no padding makes
+width 33 exact and `choose_precision` falls back.
 
 A second split, by context length (runtime/switches.py): GroupQueryAttention's SGEMMs round one way up to some
 context lengths and another past them, and where depends on the CPU: past 64 (and 64 past each multiple of a sliding
@@ -49,6 +53,9 @@ from .osutil import save_graph
 BLOCK_SIZE = 32        # weights per scale; 32 is MLAS's fastest int8-compute block on AVX2/AVX512
 ACCURACY_LEVEL = 4     # 4: int8 activations (the fast CPU path); 0/1: fp32 activations (exact at width 1, 2x slower)
 KV_DTYPE = "float16"   # a quantized CPU target's KV cache (export/graphs.half_kv says why); its probe's too
+# Bump when what choose_precision writes changes (2: a float16 cache; 3: the attention padded in the graph): cached
+# bundles recorded with another (tools/demo_real.py) are exported again.
+QUANTIZE_VERSION = 3
 WIDTHS = range(1, 34)  # 1 .. MAX_K + 1: every step size speculative decoding uses
 
 
@@ -97,7 +104,8 @@ def graph_spec(path: Path, max_length: int = 256, min_step: int = 1, windows: tu
     io = graph_io(path)
     model = json.loads((path.parent / "genai_config.json").read_text())["model"]
     cfg = model["decoder"]
-    max_length = min(max_length, (model.get("context_length") or max_length) - min_step + 1)   # the rotary cache
+    width = max(min_step, io["attention_rows"])   # the rows of room a padded step writes past max_length
+    max_length = min(max_length, (model.get("context_length") or max_length) - width + 1)   # the rotary cache
     return ModelSpec(role="target", architecture="?", model_type="?", parameters=0, precision="?", provider="cpu",
                      graph=path.name, builder="onnxruntime-genai model builder", past_key=PAST_KEY,
                      past_value=PAST_VALUE, present_key=PRESENT_KEY, present_value=PRESENT_VALUE,
@@ -254,7 +262,7 @@ def distance(graph, reference, prompts: list[list[int]], new_tokens: int = 32) -
     return Distance(n, agree / n, kl / n)
 
 
-MIN_WIDTH = 2        # the step width a quantized CPU target is checked (and must be run) at; see the module docstring
+MIN_WIDTH = 2        # the fewest rows a quantized CPU target's attention (or, failing that, whole step) runs: see above
 MIN_TOP1 = 0.95      # a quantized target's top-1 agreement with its fp32 source on held-out greedy continuations
 
 
@@ -273,20 +281,23 @@ def choose_precision(fp32_dir: Path, out_root: Path, prompts: list[list[int]], h
                      candidates=("int4", "int8"), min_width: int = MIN_WIDTH, min_top1: float = MIN_TOP1,
                      threads: int = 0, windows: tuple[int, ...] = ()) -> Choice:
     """`--target-precision auto`: quantize the fp32 builder graph in fp32_dir to each candidate in turn
-    (int8-compute MatMulNBits, block 32) into out_root/<precision>/, then give it a KV_DTYPE cache (graphs.half_kv),
-    and keep the first that is bitwise exact at every width 1..MAX_K+1 once padded to min_width, with a float32
-    cache and with its own, and whose greedy top-1 agreement with fp32 on `heldout` prompts is >= min_top1; else the
-    fp32 graph. `prompts`: token ids, each at least MAX_K + 2 long (the step check); `heldout`: held-out prompts
-    (the distance); `windows`: the target's sliding windows, per layer.
+    (int8-compute MatMulNBits, block 32) into out_root/<precision>/, run its attention on at least min_width rows
+    (graphs.pad_attention), then give it a KV_DTYPE cache (graphs.half_kv), and keep the first whose greedy top-1
+    agreement with fp32 on `heldout` prompts is >= min_top1 and that is bitwise exact at every width 1..MAX_K+1,
+    with a float32 cache and with its own: with unpadded steps if it can be, else with every step padded to
+    min_width tokens; else the fp32 graph. `prompts`: token ids, each at least MAX_K + 2 long (the step check);
+    `heldout`: held-out prompts (the distance); `windows`: the target's sliding windows, per layer.
 
     Why both caches: rows computed alike stay alike once rounded to float16, but the rounding can also hide rows
     computed another way (a last-bit difference that happens to round to the same float16 on the prompts checked,
     and not on the next). With a float32 cache the check sees whether the kernels compute every row alike, which
     does not depend on the values; with float16, that the graph shipped is exact."""
+    from .graphs import half_kv, pad_attention
+
     reasons, reference = [], Path(fp32_dir) / "model.onnx"
 
-    def check(path: Path, cache: str) -> tuple[StepReport, str]:
-        report = step_consistency(path, prompts, min_width=min_width, threads=threads,
+    def check(path: Path, cache: str, width: int) -> tuple[StepReport, str]:
+        report = step_consistency(path, prompts, min_width=width, threads=threads,
                                   max_length=max(map(len, prompts)) + min_width, windows=windows)
         return report, "" if report.exact else f"not exact with a {cache} cache, {report.summary()}"
 
@@ -297,32 +308,36 @@ def choose_precision(fp32_dir: Path, out_root: Path, prompts: list[list[int]], h
     for precision in candidates:
         path = quantize_graph(fp32_dir, Path(out_root) / precision, bits={"int4": 4, "int8": 8}[precision])
         d = distance(path, reference, heldout)   # first: the cheapest check
-        why = far(d) or check(path, "float32")[1]
+        why, width = far(d), 1
         if not why:
-            _half_kv_file(path)
+            _rewrite(path, lambda m: pad_attention(m, min_width))
+            why = check(path, "float32", 1)[1]
+            if why and min_width > 1:   # MatMulNBits' one-row kernel parts from its wider one (int4): pad it all
+                width, why = min_width, check(path, "float32", min_width)[1]
+        if not why:
+            _rewrite(path, half_kv)
             d = distance(path, reference, heldout)
-            report, why = check(path, KV_DTYPE)
+            report, why = check(path, KV_DTYPE, width)
             why = far(d) or why
         if why:
             reasons.append(f"{precision}: {why}")
             continue
-        reasons.append(f"{precision}: exact at every width 1..{max(WIDTHS)} with steps of >= {min_width} tokens "
-                       f"(a {KV_DTYPE} KV cache); top-1 agreement with fp32 {d.top1_agreement:.3f}, "
-                       f"mean KL {d.mean_kl:.3g}")
-        return Choice(precision, min_width, path, tuple(reasons), report, d)
+        steps = f"attention on >= {min_width} rows" if width == 1 else f"steps of >= {width} tokens"
+        reasons.append(f"{precision}: exact at every width 1..{max(WIDTHS)} ({steps}, a {KV_DTYPE} KV cache); "
+                       f"top-1 agreement with fp32 {d.top1_agreement:.3f}, mean KL {d.mean_kl:.3g}")
+        return Choice(precision, width, path, tuple(reasons), report, d)
     reasons.append("fp32: the exact fallback")
     return Choice("fp32", 1, reference, tuple(reasons), None, None)
 
 
-def _half_kv_file(path: Path) -> None:
-    """graphs.half_kv on a graph file and its external weights, rewritten in place; an attention probe beside it
-    is written again for the float16 attention."""
+def _rewrite(path: Path, change) -> None:
+    """change(model) on a graph file and its external weights, rewritten in place; an attention probe beside it is
+    written again for the graph as changed (half_kv changes the attention's type)."""
     from ..runtime.switches import PROBE_FILE
-    from .graphs import half_kv
     from .probe import write_attention_probe
 
     model = onnx.load(str(path))
-    half_kv(model)
+    change(model)
     save_graph(model, path)
     if (path.parent / PROBE_FILE).is_file():
         write_attention_probe(path)

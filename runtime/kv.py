@@ -13,9 +13,11 @@ Rows: a graph exported with the `logits_from` input (export/graphs.select_rows) 
 positions of a step only. A prompt read asks for none (one is computed), a draft's catch-up feed for its last, a
 verify pass for all; a graph without the input computes all and the rest are dropped here.
 
-Padding: a graph whose spec.min_step > 1 (a quantized CPU target) runs every step as at least min_step tokens, so
-its rows never depend on the step's width (KVModel._last says why), and splits a pass that spans a context length
-where this CPU's attention rounds another way (runtime/switches.py finds them).
+Padding: a quantized CPU target computes its rows alike whatever the step's width only if its attention runs on at
+least 2 rows, which its graph does itself (spec.attention_rows, export/graphs.pad_attention), or if every step runs
+as at least spec.min_step tokens (KVModel._last says why). Either way the buffers keep room for the extra rows, and a
+pass that spans a context length where this CPU's attention rounds another way is split (runtime/switches.py finds
+them).
 
 Concat layout (torch.onnx graphs): the graph returns past ++ new; rewinding slices a view. CPU only.
 """
@@ -57,8 +59,8 @@ def open_model(bundle: str | Path, spec: ModelSpec, provider: str = "cpu", threa
         raise InvalidArgument(f"{spec.graph} has an unknown KV layout {spec.kv_layout!r}; re-export the bundle")
     model = layouts[spec.kv_layout](spec, session, cuda_graph)
     probe = path.parent / PROBE_FILE
-    if spec.min_step > 1 and model.device == "cpu" and probe.is_file():
-        model.add_cuts(attention_cuts(str(probe), spec.max_length, spec.min_step, BOUND_MAX_N, threads))
+    if spec.attention_width > 1 and model.device == "cpu" and probe.is_file():
+        model.add_cuts(attention_cuts(str(probe), spec.max_length, spec.attention_width, BOUND_MAX_N, threads))
     return model
 
 
@@ -82,7 +84,8 @@ class KVModel:
         # the first row a padded single step computes past each switch (_last): a pass never holds rows on both sides
         switches = {ATTENTION_SWITCH, *(j * w + ATTENTION_SWITCH for w in set(spec.windows) if w
                                         for j in range(1, spec.max_length // w + 1))}
-        self._cuts = tuple(sorted(s - spec.min_step + 1 for s in switches)) if spec.min_step > 1 else ()
+        width = spec.attention_width
+        self._cuts = tuple(sorted(s - width + 1 for s in switches)) if width > 1 else ()
 
     def add_cuts(self, cuts) -> None:
         """More rows a pass is split at (the switches the attention probe found on this CPU)."""
@@ -136,18 +139,19 @@ class KVModel:
         """_run for the last m rows of ids (1, n): only those reach the head where the graph selects rows; else all
         are computed and the rest dropped here. Every pass runs through here.
 
-        Padding, the one place: a step narrower than spec.min_step is run as min_step tokens (its last id
-        repeated), and the head computes at least min_step rows. onnxruntime's CPU kernels (MLAS) compute a
-        one-row product with other kernels (GEMV, MatMulNBits' M = 1 path) than a row of a wider product; with
-        int8 activations (quantized targets) that float rounding flips greedy tokens, so a verify pass and plain
-        decoding would part. Padded, every row is computed the same way whatever the step's width (the export
-        checks it bit for bit, export/quantize.py). The pad rows' outputs are dropped; their KV rows lie past the
-        position, so the mask hides them and the next step overwrites them.
+        Padding, the one place the runtime pads: a step narrower than spec.min_step is run as min_step tokens (its
+        last id repeated), and the head computes at least min_step rows. onnxruntime's CPU kernels (MLAS) can
+        compute a one-row product with other kernels (GEMV, MatMulNBits' M = 1 path) than a row of a wider
+        product; with int8 activations (quantized targets) that float rounding flips greedy tokens, so a verify
+        pass and plain decoding would part. Padded, every row is computed the same way whatever the step's width
+        (the export checks it bit for bit, export/quantize.py). The pad rows' outputs are dropped; their KV rows lie
+        past the position, so the mask hides them and the next step overwrites them. (A graph whose attention is
+        the only such kernel pads its attention itself, spec.attention_rows, and needs no padding here.)
 
-        Splitting, for the same reason: rows a padded single step computes with a context on either side of an
-        attention switch (ATTENTION_SWITCH and those the attention probe finds on this CPU, runtime/switches.py;
-        `_cuts`, the first row past each) are never computed by one pass; a pass over both is run as parts, each in
-        its rows' own regime."""
+        Splitting, for the same reason: rows a padded single step's attention computes with a context on either
+        side of an attention switch (ATTENTION_SWITCH and those the attention probe finds on this CPU,
+        runtime/switches.py; `_cuts`, the first row past each) are never computed by one pass; a pass over both is
+        run as parts, each in its rows' own regime."""
         n, step = ids.shape[1], self.spec.min_step
         i = bisect.bisect_right(self._cuts, p)                        # the first cut past p (per pass: no scan)
         cut = self._cuts[i] if i < len(self._cuts) and self._cuts[i] < p + n else None
@@ -249,12 +253,12 @@ class InplaceKV(KVModel):
     def __init__(self, spec: ModelSpec, session: ort.InferenceSession, cuda_graph: bool = False):
         super().__init__(spec, session)
         self.cuda_graph = cuda_graph and self.device == "cuda"
-        s, L = spec, spec.max_length + spec.min_step - 1   # room for a padded step at the end of the context
+        s, L = spec, spec.max_length + spec.attention_width - 1   # room for a padded step at the end of the context
         # The mask's length never changes, so it is bound once (GroupQueryAttention counts the ones; the zeros hide
         # stale rows past a rewind).
-        self._mask = np.zeros((1, L), np.int64)                                # (1, max_length + min_step - 1)
+        self._mask = np.zeros((1, L), np.int64)                        # (1, max_length + attention_width - 1)
         self._mask_ov, self._ones = self._wrap(self._mask), 0
-        shape = (1, s.num_kv_heads, L, s.head_dim)                             # L = max_length + min_step - 1
+        shape = (1, s.num_kv_heads, L, s.head_dim)                     # L = max_length + attention_width - 1
         self._kv = [self._wrap(np.zeros(shape, _NP[s.kv_dtype])) for _ in range(2 * s.num_layers)]  # 2*layers x shape
         self._steps: dict[int, _Step] = {}
         self._ring: list[tuple[ort.OrtValue, np.ndarray]] = []   # draft chaining (greedy_chain), built on first use

@@ -58,6 +58,16 @@ class ModelSpec:
     # max_length + min_step - 1 rows so a padded step at the end of the context fits; positions stay < max_length.
     # Such a graph has its attention probe beside it (runtime/switches.PROBE_FILE), which the runtime runs on load.
     min_step: int = 1
+    # Optional: the graph itself runs its attention on at least `attention_rows` rows (export/graphs.pad_attention;
+    # the rest of the step keeps its own width). Like min_step it needs rows of room past max_length and splits at
+    # the attention's switches: `attention_width` is the narrower attention any step of this graph runs.
+    attention_rows: int = 1
+
+    @property
+    def attention_width(self) -> int:
+        """The fewest rows any step's attention computes: the KV buffers hold max_length + attention_width - 1 rows
+        (a padded step at the end of the context fits), and a pass is split at the attention switches it sees."""
+        return max(self.min_step, self.attention_rows)
 
 
 @dataclass(frozen=True)
@@ -109,10 +119,12 @@ class Manifest:
             _check(s.role == role, f"{role}.role", f"must be {role!r}, got {s.role!r}")
             _check(s.kv_layout in ("inplace", "concat"), f"{role}.kv_layout",
                    f"must be 'inplace' or 'concat', got {s.kv_layout!r}")
-            for name in ("num_layers", "num_kv_heads", "head_dim", "vocab_size", "max_length", "min_step"):
+            for name in ("num_layers", "num_kv_heads", "head_dim", "vocab_size", "max_length", "min_step",
+                         "attention_rows"):
                 _check(getattr(s, name) >= 1, f"{role}.{name}", f"must be at least 1, got {getattr(s, name)}")
-            _check(s.min_step == 1 or s.kv_layout == "inplace", f"{role}.min_step",
-                   f"must be 1 for the concat layout, got {s.min_step}")
+            for name in ("min_step", "attention_rows"):
+                _check(getattr(s, name) == 1 or s.kv_layout == "inplace", f"{role}.{name}",
+                       f"must be 1 for the concat layout, got {getattr(s, name)}")
             _check(_inside(s.graph), f"{role}.graph", f"must be a relative path inside the bundle, got {s.graph!r}")
         for i, f in enumerate(m.tokenizer.files):
             _check(_inside(f), f"tokenizer.files[{i}]", f"must be a relative path inside the bundle, got {f!r}")

@@ -1,11 +1,15 @@
 """Exact quantized CPU targets end to end: `--target-precision int8|int4|auto` exports a MatMulNBits target only when
-its rows are bitwise the same at every step width once steps are padded to `min_step` tokens, the runtime pads every
-step of it (kv.py), and greedy speculative output then equals that target's own plain decoding.
+its rows are bitwise the same at every step width once its attention runs on at least 2 rows (the graph pads it,
+export/graphs.pad_attention) or, failing that, every step is padded to `min_step` tokens (kv.py), and greedy
+speculative output then equals that target's own plain decoding. The runtime's padding is tested here on the same
+graph with min_step 2 (`padded`): both ways compute every row alike.
 
 The tiny target here has head_dim 64: with the suite's default head_dim 16, GroupQueryAttention gives the 33rd row
 of a 33-token step other bits, so no minimum width is exact there (test_quantize.py) and an explicit int4 is refused.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import onnx
@@ -41,30 +45,40 @@ def int8_bundle(tmp_path_factory, pair):
 
 def test_int8_target_records_its_step_check_and_distance(int8_bundle):
     m = load_manifest(int8_bundle)
-    assert (m.target.precision, m.target.min_step, m.draft.min_step) == ("int8", 2, 1)
+    # MatMulNBits' one-row kernel gives this graph's rows bit for bit: only the attention is padded
+    assert (m.target.precision, m.target.min_step, m.target.attention_rows) == ("int8", 1, 2)
+    assert (m.draft.min_step, m.draft.attention_rows) == (1, 1)
     assert (m.target.kv_dtype, m.draft.kv_dtype) == ("float16", "float32")   # export/quantize.KV_DTYPE
     # max_position_embeddings 256: a padded step at position 254 writes row 255, the rotary cache's last
     assert m.target.max_length == m.draft.max_length == 255 and "1 less for the padded steps" in m.tools["max_length"]
     q = m.parity["target"]["quantization"]
-    assert q["precision"] == "int8" and q["min_step"] == 2 and q["step_exact"]
+    assert q["precision"] == "int8" and q["min_step"] == 1 and q["step_exact"]
     assert "bitwise at 33/33 widths" in q["step_check"]
     d = q["distance_to_fp32"]
     assert d["positions"] == 32 * d["heldout_prompts"] and 0 <= d["top1_agreement"] <= 1 and d["mean_kl"] > 0
     assert m.parity["target"]["step_top1_agreement"] == 1.0   # parity's own step check, through the padded runtime
     from specedge.tools.cli import describe
 
-    assert "steps padded to 2 tokens: rows bitwise the same at every step width; vs fp32: top-1" in describe(m, "b")
+    assert "attention padded to 2 rows: rows bitwise the same at every step width; vs fp32: top-1" in describe(m, "b")
+    assert "(attention on >= 2 rows, a float16 KV cache)" in q["reasons"][0]
 
 
-def test_a_pass_across_the_attention_switch_runs_as_two(int8_bundle):
+@pytest.fixture(params=["attention", "steps"])
+def spec(request, int8_bundle):
+    """The int8 target as exported (its graph pads the attention to 2 rows) and with every step padded to 2 tokens
+    by the runtime as well (min_step 2, what an export picks where the one-row MatMulNBits kernel is not exact)."""
+    s = load_manifest(int8_bundle).target
+    return s if request.param == "attention" else dataclasses.replace(s, min_step=2)
+
+
+def test_a_pass_across_the_attention_switch_runs_as_two(int8_bundle, spec):
     """A pass whose rows lie on both sides of kv.ATTENTION_SWITCH (contexts of at most 64 tokens, and past it) is run
     as two: its rows, argmaxes and cache are exactly those of the two passes run by hand, for every row selection."""
     from specedge.runtime.kv import ATTENTION_SWITCH
 
-    m = load_manifest(int8_bundle)
-    model = open_model(int8_bundle, m.target)
-    cut = ATTENTION_SWITCH - m.target.min_step + 1                     # the first row computed past the switch
-    ids = np.random.default_rng(1).integers(3, m.target.vocab_size, cut + 12)
+    model = open_model(int8_bundle, spec)
+    cut = ATTENTION_SWITCH - spec.attention_width + 1                  # the first row computed past the switch
+    ids = np.random.default_rng(1).integers(3, spec.vocab_size, cut + 12)
     for p in (cut - 12, cut - 5):                                        # equal halves (one bound step size) or not
         model.rewind(0)
         model.forward(ids[:p])
@@ -83,7 +97,7 @@ def test_a_pass_across_the_attention_switch_runs_as_two(int8_bundle):
         assert model.pos == cut + 12 and np.array_equal(model.kv(0)[0], k_hand)
 
 
-def test_the_bundle_carries_the_attention_probe_and_the_model_splits_where_it_says(int8_bundle):
+def test_the_bundle_carries_the_attention_probe_and_the_model_splits_where_it_says(int8_bundle, spec):
     """The export writes the target's attention probe beside its graph (hashed like every file); the runtime runs it
     and splits passes at what it finds on this CPU, besides the switches every CPU has."""
     from specedge.runtime.kv import BOUND_MAX_N, ATTENTION_SWITCH
@@ -94,9 +108,9 @@ def test_the_bundle_carries_the_attention_probe_and_the_model_splits_where_it_sa
     assert probe.is_file() and f"target/{PROBE_FILE}" in m.files
     assert {i.type.tensor_type.elem_type for i in onnx.load(str(probe)).graph.input if i.name.startswith("past")} \
         == {onnx.TensorProto.FLOAT16}                      # the attention as the target runs it: a float16 cache
-    found = attention_cuts(str(probe), m.target.max_length, m.target.min_step, BOUND_MAX_N, 0)
-    model = open_model(int8_bundle, m.target)
-    assert set(model._cuts) == {*found, ATTENTION_SWITCH - m.target.min_step + 1}
+    found = attention_cuts(str(probe), spec.max_length, spec.attention_width, BOUND_MAX_N, 0)
+    model = open_model(int8_bundle, spec)
+    assert set(model._cuts) == {*found, ATTENTION_SWITCH - spec.attention_width + 1}
 
 
 def test_a_truncated_attention_probe_is_a_bundle_error_naming_it(int8_bundle, tmp_path):
@@ -119,13 +133,12 @@ def _rows(model, ids, lo, hi):
     return model.forward(ids[lo:hi]).copy()
 
 
-def test_padded_one_token_step_equals_its_row_in_a_wide_pass(int8_bundle):
-    """A 1-token step runs as 2 tokens: its row is bit for bit the wide pass's row, the position moves by 1, and
-    the pad's cache row (past the position) changes nothing in the next step; a step at the context's last
-    position fits."""
-    m = load_manifest(int8_bundle)
-    model = open_model(int8_bundle, m.target)
-    ids = np.random.default_rng(0).integers(3, m.target.vocab_size, 40)
+def test_padded_one_token_step_equals_its_row_in_a_wide_pass(int8_bundle, spec):
+    """A 1-token step's attention (or whole step) runs as 2 rows: its row is bit for bit the wide pass's row, the
+    position moves by 1, and the pad's cache row (past the position) changes nothing in the next step; a step at
+    the context's last position fits."""
+    model = open_model(int8_bundle, spec)
+    ids = np.random.default_rng(0).integers(3, spec.vocab_size, 40)
     full = model.forward(ids).copy()                                   # (40, V): every step >= 2 tokens wide
     k_full, v_full = model.kv(0)
     model.rewind(10)
@@ -137,9 +150,9 @@ def test_padded_one_token_step_equals_its_row_in_a_wide_pass(int8_bundle):
     k, v = model.kv(0)
     assert k.shape[1] == 16 and np.array_equal(k, k_full[:, :16]) and np.array_equal(v, v_full[:, :16])
     model.forward(ids[16:40])
-    model.forward(np.resize(ids, m.target.max_length - 41))           # up to the last position
-    assert model.pos == m.target.max_length - 1
-    assert model.forward(ids[:1], "argmax").shape == (1,) and model.pos == m.target.max_length
+    model.forward(np.resize(ids, spec.max_length - 41))               # up to the last position
+    assert model.pos == spec.max_length - 1
+    assert model.forward(ids[:1], "argmax").shape == (1,) and model.pos == spec.max_length
 
 
 class _Oracle:
@@ -201,9 +214,10 @@ def test_auto_says_what_it_chose_and_why(pair, tmp_path):
 
 def test_explicit_int4_that_is_not_exact_is_refused(checkpoints, tmp_path):
     target, _ = checkpoints("llama")   # head_dim 16: width 33 differs whatever the padding
-    # refused by the float32-cache check: with a float16 cache alone, rounding hid width 33's other bits on this model
-    with pytest.raises(ExportError,
-                       match=r"int4 target is not exact: int4: not exact with a float32 cache.*not at \[33\]"):
+    # refused by the float32-cache check: with a float16 cache alone, rounding hid width 33's other bits on this model;
+    # with the attention padded (min_width 1) and then with every step padded (min_width 2), which is the reason kept
+    with pytest.raises(ExportError, match=r"int4 target is not exact: int4: not exact with a float32 cache, "
+                                          r"min_width 2:.*not at \[33\]"):
         export_bundle(ExportOptions(target=target, draft=None, out=tmp_path / "b", max_length=128,
                                     target_precision="int4"))
     assert not (tmp_path / "b").exists()

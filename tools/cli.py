@@ -257,9 +257,11 @@ def describe(m, bundle) -> str:
             lines.append(f"         sliding windows per layer: {', '.join(str(w or 'global') for w in s.windows)}")
         if s.draft_vocab:
             lines.append(f"         reduced vocabulary: the LM head keeps {s.draft_vocab} of {s.vocab_size} tokens")
-        if s.min_step > 1:  # a quantized CPU target (export/quantize.py)
+        if s.attention_width > 1:  # a quantized CPU target (export/quantize.py)
             d = p.get("quantization", {}).get("distance_to_fp32")
-            lines.append(f"         steps padded to {s.min_step} tokens: rows bitwise the same at every step width"
+            pad = f"steps padded to {s.min_step} tokens" if s.min_step > 1 else \
+                f"attention padded to {s.attention_rows} rows"
+            lines.append(f"         {pad}: rows bitwise the same at every step width"
                          + (f"; vs fp32: top-1 {d['top1_agreement']:.3f}, mean KL {d['mean_kl']:.3g}" if d else ""))
         if PARITY_NUMBERS <= p.keys():
             lines.append(f"         parity vs PyTorch: max|Δlogit| {p['max_abs_logit_diff']:.2e}, top-1 "

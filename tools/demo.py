@@ -60,13 +60,15 @@ def _fingerprint(*dirs: Path) -> str:
 def ensure_bundle(workdir: Path, say=print) -> Path:
     """Export the demo pair once; reuse the bundle while it verifies and its sources are unchanged."""
     from ..export.bundle import ExportOptions, export_bundle
+    from ..export.quantize import QUANTIZE_VERSION
     from ..runtime.manifest import load_manifest
 
     bundle, stamp = workdir / "bundle", workdir / "sources.sha256"
     trained = (DEMO / "target" / "config.json").is_file() and (DEMO / "draft" / "config.json").is_file()
     if trained:
         target, draft, max_length = DEMO / "target", DEMO / "draft", 1024
-        fp = _fingerprint(target, draft) + " target_precision=auto"   # the export's choice is part of what is cached
+        # the export's choice, and how a quantized target is made, are part of what is cached
+        fp = _fingerprint(target, draft) + f" target_precision=auto quantize={QUANTIZE_VERSION}"
         try:
             if stamp.read_text() == fp:
                 load_manifest(bundle, verify=True)

@@ -152,14 +152,14 @@ TARGET_PRECISION = "auto"   # recorded in the stamp: a bundle exported otherwise
 
 def export_key(model: RealModel, source: dict, draft: dict | None = None) -> dict:
     from ..export.bundle import ExportOptions
-    from ..export.quantize import KV_DTYPE
+    from ..export.quantize import QUANTIZE_VERSION
 
     opts = ExportOptions(target=Path(), draft=Path(), out=Path(), target_precision=TARGET_PRECISION,
                          draft_vocab=model.draft_vocab, max_length=model.max_length)
     options = {k: v for k, v in dataclasses.asdict(opts).items() if k not in ("target", "draft", "out", "force")}
-    # the quantized target's KV type: a bundle from before float16 caches is rebuilt
+    # how a quantized target is made: a bundle from an older scheme is rebuilt
     return {"source": source, "draft": draft or "self", "options": {k: str(v) for k, v in options.items()},
-            "quantized_kv": KV_DTYPE}
+            "quantize": QUANTIZE_VERSION}
 
 
 def bundle_name(draft_vocab: int, draft: str = "") -> str:
