@@ -59,7 +59,10 @@ def export_cmd(target, draft, out) -> list[str]:
 
 def interrupt(cmd: list[str], stage: int, sig: int, delay: float = 0.0) -> tuple[int, str]:
     """Run an export and send `sig` once it reports step `stage` (plus `delay` seconds into it); (exit code, stderr)."""
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # as from a terminal: a shell running the suite in the background (`make test &`) ignores SIGINT, and the export
+    # would inherit that
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     for line in p.stderr:
         seen.append(line)
