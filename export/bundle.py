@@ -319,9 +319,11 @@ def _quantize_target(o: ExportOptions, precision: str, facts: dict, tmp: Path, t
         probe.unlink()   # an fp32 target takes single steps (min_step 1): nothing to split
     shutil.rmtree(tmp / ".quantized", ignore_errors=True)
     if not auto and choice.precision != precision:
-        raise ExportError(f"the {precision} target is not exact: {choice.reasons[0]}; use --target-precision auto "
-                          f"or fp32")
+        raise ExportError(f"the {precision} target is not exact: {'; '.join(choice.reasons[:-1])}; use "
+                          f"--target-precision auto or fp32")
     record = {"precision": choice.precision, "min_step": choice.min_width, "reasons": list(choice.reasons)}
+    if choice.block_size:
+        record["block_size"] = choice.block_size
     if choice.report is not None:
         record |= {"step_check": choice.report.summary(), "step_exact": choice.report.exact,
                    "distance_to_fp32": choice.distance.to_dict() | {"heldout_prompts": len(heldout)}}

@@ -248,16 +248,16 @@ ATTENTION_ROWS = "specedge_attention_rows"   # the initializer pad_attention lea
 
 def pad_attention(model: onnx.ModelProto, rows: int = 2) -> int:
     """Every GroupQueryAttention computes at least `rows` query rows, whatever the step's width: a narrower step's
-    query/key/value get their last row repeated (Pad, edge) and the sequence lengths the node reads grow to match;
-    the output is cut back to the step's rows. Returns how many attention nodes changed.
+    query/key/value get their last row repeated (Pad, edge) and the last position it writes (seqlens_k) grows to
+    match; the output is cut back to the step's rows. Returns how many attention nodes changed (0: none, or done).
 
     Why: onnxruntime's CPU attention computes a one-row step with other kernels (MLAS's GEMV for P·V) than the same
     row in a wider pass, so a quantized target needs every step at least 2 rows wide to stay exact
     (export/quantize.py). Padding the whole step (kv.KVModel._last, min_step) also runs every MatMulNBits, most of
     the step's time, on the pad row, where MatMulNBits' one-row kernel gives the row of a wider product bit for bit
-    (8 bits, block 32; the export's step check is what decides). Padded here, only attention does the extra row. The
-    repeated row writes its K/V one position past the step, which the mask hides and the next step overwrites, as
-    with min_step: the cache keeps rows - 1 rows of room (ModelSpec.attention_rows)."""
+    (8 bits at blocks 32 and 64 on the AMD EPYC; the export's step check decides). Padded here, only attention does
+    the extra row. The repeated row writes its K/V one position past the step, which the mask hides and the next
+    step overwrites, as with min_step: the cache keeps rows - 1 rows of room (ModelSpec.attention_rows)."""
     from onnx import TensorProto, helper, numpy_helper
 
     g = model.graph

@@ -16,8 +16,8 @@ that into 4e-3 (int8 rounding flips) and the logits ended 2-5 apart. GroupQueryA
 GEMV for P·V on every CPU measured. Every width from 2 up gives rows identical bit for bit. Hence two ways to make
 every row alike: the graph runs its attention on at least MIN_WIDTH rows (graphs.pad_attention: the step's last
 query/key/value row repeated, its output dropped), which is enough where MatMulNBits' one-row kernel gives the row
-of a wider product bit for bit (8 bits, block 32 on the AMD EPYC and the tiny test models: plain decoding then runs
-MatMulNBits on one row, 1.11x faster after 64 tokens of context and 1.21x after 550 for Gemma 3 270M int8); else the
+of a wider product bit for bit (8 bits at blocks 32 and 64 on the AMD EPYC and the tiny test models: plain decoding
+then runs MatMulNBits on one row, 1.07-1.21x faster for Gemma 3 270M int8 after 64 to 800 tokens of context); else the
 runtime pads every step to min_width tokens (KVModel._last). The check decides, per graph, trying the first and then
 the second. The padded rows' KV rows lie past the position and the next step overwrites them. On a tiny model
 (head_dim 16) GroupQueryAttention's SGEMM also gives the 33rd row of a 33-token step other bits, so no padding makes
@@ -51,11 +51,15 @@ from ..runtime.manifest import ModelSpec
 from .osutil import save_graph
 
 BLOCK_SIZE = 32        # weights per scale; 32 is MLAS's fastest int8-compute block on AVX2/AVX512
+# The blocks each candidate is tried with, in order. int8 first at 64: half the scales' bytes (a step reads 9 bits
+# per weight at block 32, 8.5 at 64), plain decoding 1.08-1.20x faster for Gemma 3 270M on the AMD EPYC (top-1
+# agreement with fp32 0.979, mean KL 0.0037); the step check decides, as block 128 is not exact there.
+BLOCKS = {"int4": (BLOCK_SIZE,), "int8": (64, BLOCK_SIZE)}
 ACCURACY_LEVEL = 4     # 4: int8 activations (the fast CPU path); 0/1: fp32 activations (exact at width 1, 2x slower)
 KV_DTYPE = "float16"   # a quantized CPU target's KV cache (export/graphs.half_kv says why); its probe's too
-# Bump when what choose_precision writes changes (2: a float16 cache; 3: the attention padded in the graph): cached
-# bundles recorded with another (tools/demo_real.py) are exported again.
-QUANTIZE_VERSION = 3
+# Bump when what choose_precision writes changes (2: a float16 cache; 3: the attention padded in the graph; 4: int8
+# at block 64 first): cached bundles recorded with another (tools/demo_real.py, tools/demo.py) are exported again.
+QUANTIZE_VERSION = 4
 WIDTHS = range(1, 34)  # 1 .. MAX_K + 1: every step size speculative decoding uses
 
 
@@ -270,6 +274,7 @@ MIN_TOP1 = 0.95      # a quantized target's top-1 agreement with its fp32 source
 class Choice:
     """What `--target-precision auto` picked, and why (one line per precision tried)."""
     precision: str                 # int4 | int8 | fp32
+    block_size: int                # weights per scale (0 for fp32)
     min_width: int                 # pad every step of the target to at least this many tokens (1: no padding)
     graph: Path                    # the chosen graph file
     reasons: tuple[str, ...]
@@ -280,9 +285,9 @@ class Choice:
 def choose_precision(fp32_dir: Path, out_root: Path, prompts: list[list[int]], heldout: list[list[int]],
                      candidates=("int4", "int8"), min_width: int = MIN_WIDTH, min_top1: float = MIN_TOP1,
                      threads: int = 0, windows: tuple[int, ...] = ()) -> Choice:
-    """`--target-precision auto`: quantize the fp32 builder graph in fp32_dir to each candidate in turn
-    (int8-compute MatMulNBits, block 32) into out_root/<precision>/, run its attention on at least min_width rows
-    (graphs.pad_attention), then give it a KV_DTYPE cache (graphs.half_kv), and keep the first whose greedy top-1
+    """`--target-precision auto`: quantize the fp32 builder graph in fp32_dir to each candidate in turn, at each
+    of its BLOCKS (int8-compute MatMulNBits) into out_root/<precision>/, run its attention on at least min_width
+    rows (graphs.pad_attention), then give it a KV_DTYPE cache (graphs.half_kv), and keep the first whose greedy top-1
     agreement with fp32 on `heldout` prompts is >= min_top1 and that is bitwise exact at every width 1..MAX_K+1,
     with a float32 cache and with its own: with unpadded steps if it can be, else with every step padded to
     min_width tokens; else the fp32 graph. `prompts`: token ids, each at least MAX_K + 2 long (the step check);
@@ -305,8 +310,10 @@ def choose_precision(fp32_dir: Path, out_root: Path, prompts: list[list[int]], h
         return f"top-1 agreement with fp32 {d.top1_agreement:.3f} < {min_top1} (mean KL {d.mean_kl:.3g})" \
             if d.top1_agreement < min_top1 else ""
 
-    for precision in candidates:
-        path = quantize_graph(fp32_dir, Path(out_root) / precision, bits={"int4": 4, "int8": 8}[precision])
+    for precision, block in ((p, b) for p in candidates for b in BLOCKS[p]):
+        name = f"{precision} (block {block})"
+        path = quantize_graph(fp32_dir, Path(out_root) / precision, bits={"int4": 4, "int8": 8}[precision],
+                              block_size=block)
         d = distance(path, reference, heldout)   # first: the cheapest check
         why, width = far(d), 1
         if not why:
@@ -320,14 +327,14 @@ def choose_precision(fp32_dir: Path, out_root: Path, prompts: list[list[int]], h
             report, why = check(path, KV_DTYPE, width)
             why = far(d) or why
         if why:
-            reasons.append(f"{precision}: {why}")
+            reasons.append(f"{name}: {why}")
             continue
         steps = f"attention on >= {min_width} rows" if width == 1 else f"steps of >= {width} tokens"
-        reasons.append(f"{precision}: exact at every width 1..{max(WIDTHS)} ({steps}, a {KV_DTYPE} KV cache); "
+        reasons.append(f"{name}: exact at every width 1..{max(WIDTHS)} ({steps}, a {KV_DTYPE} KV cache); "
                        f"top-1 agreement with fp32 {d.top1_agreement:.3f}, mean KL {d.mean_kl:.3g}")
-        return Choice(precision, width, path, tuple(reasons), report, d)
+        return Choice(precision, block, width, path, tuple(reasons), report, d)
     reasons.append("fp32: the exact fallback")
-    return Choice("fp32", 1, reference, tuple(reasons), None, None)
+    return Choice("fp32", 0, 1, reference, tuple(reasons), None, None)
 
 
 def _rewrite(path: Path, change) -> None:

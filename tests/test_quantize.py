@@ -101,7 +101,8 @@ def test_auto_precision_says_why_it_falls_back(graphs, tmp_path):
     prompts = _prompts(graphs["fp32"])
     choice = choose_precision(graphs["fp32"].parent, tmp_path, prompts, prompts, min_top1=0.0)
     assert choice.precision == "fp32" and choice.min_width == 1 and choice.graph == graphs["fp32"]
-    assert [r.split(":")[0] for r in choice.reasons] == ["int4", "int8", "fp32"]
+    assert [r.split(":")[0] for r in choice.reasons] == ["int4 (block 32)", "int8 (block 64)", "int8 (block 32)",
+                                                         "fp32"]
     assert "not exact" in choice.reasons[0] and "not at [33]" in choice.reasons[0]
 
 

@@ -60,7 +60,9 @@ def test_int8_target_records_its_step_check_and_distance(int8_bundle):
     from specedge.tools.cli import describe
 
     assert "attention padded to 2 rows: rows bitwise the same at every step width; vs fp32: top-1" in describe(m, "b")
-    assert "(attention on >= 2 rows, a float16 KV cache)" in q["reasons"][0]
+    assert q["reasons"][0].startswith("int8 (block 64): exact at every width 1..33 (attention on >= 2 rows, a "
+                                      "float16 KV")
+    assert q["block_size"] == 64
 
 
 @pytest.fixture(params=["attention", "steps"])
@@ -206,8 +208,8 @@ def test_auto_says_what_it_chose_and_why(pair, tmp_path):
                       progress=lambda i, n, text: lines.append(f"[{i}/{n}] {text}"))
     q = m.parity["target"]["quantization"]
     assert (m.target.precision, m.target.min_step, q["precision"]) == ("fp32", 1, "fp32")
-    assert [r.split(":")[0] for r in q["reasons"]] == ["int4", "int8", "fp32"]
-    assert all("top-1 agreement with fp32" in r and "< 0.95" in r for r in q["reasons"][:2])
+    assert [r.split(":")[0] for r in q["reasons"]] == ["int4 (block 32)", "int8 (block 64)", "int8 (block 32)", "fp32"]
+    assert all("top-1 agreement with fp32" in r and "< 0.95" in r for r in q["reasons"][:3])
     assert all(f"[1/6] target precision {r}" in lines for r in q["reasons"])
     assert f"target precision {q['reasons'][0]}" in (tmp_path / "b" / "export.log").read_text()
 
@@ -216,8 +218,8 @@ def test_explicit_int4_that_is_not_exact_is_refused(checkpoints, tmp_path):
     target, _ = checkpoints("llama")   # head_dim 16: width 33 differs whatever the padding
     # refused by the float32-cache check: with a float16 cache alone, rounding hid width 33's other bits on this model;
     # with the attention padded (min_width 1) and then with every step padded (min_width 2), which is the reason kept
-    with pytest.raises(ExportError, match=r"int4 target is not exact: int4: not exact with a float32 cache, "
-                                          r"min_width 2:.*not at \[33\]"):
+    with pytest.raises(ExportError, match=r"int4 target is not exact: int4 \(block 32\): not exact with a float32 "
+                                          r"cache, min_width 2:.*not at \[33\]"):
         export_bundle(ExportOptions(target=target, draft=None, out=tmp_path / "b", max_length=128,
                                     target_precision="int4"))
     assert not (tmp_path / "b").exists()
