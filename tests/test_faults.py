@@ -236,6 +236,8 @@ def _drop(path: list):
 MANIFEST_EDITS = [
     (_set(["target", "num_layers"], "2"), "target.num_layers must be an integer"),
     (_set(["draft", "head_dim"], 0), "draft.head_dim must be at least 1"),
+    (_set(["target", "attention_rows"], 0), "target.attention_rows must be at least 1"),
+    (_set(["target", "attention_rows"], "2"), "target.attention_rows must be an integer"),
     (_set(["target", "max_length"], 12.5), "target.max_length must be an integer"),
     (_set(["target", "rewindable"], "yes"), "target.rewindable must be true or false"),
     (_set(["target", "kv_layout"], "paged"), "target.kv_layout must be 'inplace' or 'concat'"),
